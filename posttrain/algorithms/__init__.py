@@ -1,0 +1,1 @@
+"""Pure functions: losses, advantages, corrections. Each carries its equation in the docstring."""

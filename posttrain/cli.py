@@ -1,0 +1,75 @@
+"""`posttrain` command line: each subcommand loads one recipe and calls one entry function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from posttrain.config import RecipeError, load_recipe
+
+RECIPE_HELP = "YAML recipe; see recipes/ for complete examples"
+OVERRIDE_HELP = "recipe overrides as dotted.key=value (e.g. train.lr=1e-5 output_dir=runs/x)"
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from posttrain.config import SFTRecipe
+
+    recipe = load_recipe(args.recipe, SFTRecipe, args.overrides)
+    from posttrain.trainers.sft import train_sft
+
+    model_dir = train_sft(recipe, resume=args.resume)
+    print(f"model written to {model_dir}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
+    "sft": (
+        "supervised fine-tuning on packed samples (MTP kept on)",
+        "Sections: model (path | from_config, tokenizer, implementation, lora, mtp), data (train, format, "
+        "loss_on, on_bad_row, max_seq_len, overlong), packing, train (epochs, max_steps, micro_batch_size, "
+        "grad_accum, lr, min_lr, warmup_steps, ...), logging, checkpoint, output_dir. Multi-GPU: launch with "
+        "`accelerate launch -m posttrain.cli sft ...` (DDP/FSDP from accelerate's own config).",
+        _sft,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="DeepSeek-V3's post-training stack: packed SFT with MTP, GRPO, R1-style traces, "
+        "distillation and reward-model evaluation, each run described by one YAML recipe.",
+        epilog="Example: posttrain sft recipes/sft_quickstart.yaml train.max_steps=20",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, details, handler) in COMMANDS.items():
+        command = sub.add_parser(name, help=summary, description=f"{summary}. {details}")
+        if name != "quickstart":
+            command.add_argument("recipe", help=RECIPE_HELP)
+            command.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+        if name in ("sft", "grpo", "distill", "traces"):
+            command.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.handler(args)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

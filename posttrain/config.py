@@ -1,0 +1,235 @@
+"""Typed recipes: one YAML file fully describes a run.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error, not a silently ignored
+setting. `load_recipe` reads the YAML, applies `dotted.key=value` overrides from the command line, validates,
+and turns every problem into a `RecipeError` that names the file and the key — before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class MTPSection(Section):
+    """Multi-token prediction kept on during SFT (DeepSeek-V3 §2.2): L = L_main + λ/D · Σ_k L_mtp_k."""
+
+    enabled: bool = True
+    weight: float = Field(
+        0.3, ge=0.0, description="λ in the report; 0.3 early, 0.1 later in V3's pre-training"
+    )
+    attach_depth: int = Field(
+        0, ge=0, description="attach D MTP modules to a plain transformers model (shares embedding and head)"
+    )
+
+
+class ModelSection(Section):
+    path: str | None = Field(None, description="local HF directory (or a hub name, when there is network)")
+    from_config: str | None = Field(
+        None, description="config.json to build a randomly initialised model from"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer directory; defaults to `path`")
+    implementation: Literal["auto", "posttrain", "transformers"] = Field(
+        "auto",
+        description="auto: posttrain's own DeepSeek-V3 modules for deepseek_v3 configs, else transformers",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    lora: LoraSection | None = None
+    mtp: MTPSection = MTPSection()
+    expert_bias_update: float = Field(
+        0.001, ge=0.0, description="γ of auxiliary-loss-free balancing (MoE models only); 0 disables"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.path is None) == (self.from_config is None):
+            raise ValueError("set exactly one of `path` and `from_config`")
+        if self.from_config is not None and self.tokenizer is None:
+            raise ValueError("`from_config` needs `tokenizer`")
+        return self
+
+
+class DataSection(Section):
+    train: list[str] = Field(
+        ..., min_length=1, description="JSONL/Parquet files, `datasets` dirs, or hub:NAME"
+    )
+    eval: list[str] = []
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    system_prompt: str | None = None
+    loss_on: Literal["assistant", "all"] = "assistant"
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_seq_len: int = Field(2048, gt=1)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    num_proc: int = Field(1, ge=1, description="processes for tokenisation")
+    cache_dir: str | None = Field(None, description="tokenisation cache; defaults to <output_dir>/cache")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("train", "eval"):
+                if isinstance(values.get(key), str):
+                    values = {**values, key: [values[key]]}
+        return values
+
+
+class PackingSection(Section):
+    enabled: bool = True
+    capacity: int | None = Field(None, gt=1, description="tokens per pack; defaults to data.max_seq_len")
+
+
+class TrainSection(Section):
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps")
+    micro_batch_size: int = Field(1, gt=0, description="packs per forward pass")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-6, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> TrainSection:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        return self
+
+
+class LoggingSection(Section):
+    every: int = Field(1, gt=0)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class CheckpointSection(Section):
+    every: int = Field(0, ge=0, description="optimiser steps between checkpoints; 0 = only at the end")
+    keep: int = Field(2, gt=0)
+
+
+class SFTRecipe(Section):
+    model: ModelSection
+    data: DataSection
+    packing: PackingSection = PackingSection()
+    train: TrainSection = TrainSection()
+    logging: LoggingSection = LoggingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output_dir: str
+
+    @property
+    def pack_capacity(self) -> int:
+        return self.packing.capacity or self.data.max_seq_len
+
+
+RecipeT = TypeVar("RecipeT", bound=BaseModel)
+
+# Keys whose values are paths that must exist before anything heavy starts.
+_PATH_KEYS = ("model.from_config", "model.tokenizer", "data.train", "data.eval")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `3e-4`, `true`, `[1,2]` get their types)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected dotted.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _format_validation_error(path: str, error: ValidationError) -> str:
+    lines = [f"{path}: invalid recipe"]
+    for problem in error.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "<top level>"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = (
+                "unknown key (check the spelling; see `posttrain <command> --help` for the recipe format)"
+            )
+        elif "input" in problem and problem["type"] not in ("missing",):
+            message += f" (got {problem['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def _check_paths(path: str, raw: dict[str, Any]) -> None:
+    missing = []
+    for dotted in _PATH_KEYS:
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values = node if isinstance(node, list) else [node]
+        for value in values:
+            if isinstance(value, str) and not value.startswith("hub:") and not os.path.exists(value):
+                missing.append(f"  {dotted}: file not found: {value}")
+    model = raw.get("model", {})
+    local_model = isinstance(model, dict) and isinstance(model.get("path"), str)
+    if local_model and _looks_local(model["path"]) and not os.path.exists(model["path"]):
+        missing.append(f"  model.path: directory not found: {model['path']}")
+    if missing:
+        raise RecipeError(f"{path}: missing files\n" + "\n".join(missing))
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is `org/name`; anything else with a path separator or a dot prefix is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def load_recipe(
+    path: str | os.PathLike, schema: type[RecipeT], overrides: list[str] | None = None
+) -> RecipeT:
+    """Read, override and validate a recipe; every error names `path` and the offending key."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        recipe = schema.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(path, exc)) from None
+    _check_paths(path, raw)
+    return recipe
+
+
+def dump_recipe(recipe: BaseModel, path: str | os.PathLike) -> None:
+    """Write the fully resolved recipe next to a run's outputs, so the run can be reproduced from it alone."""
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

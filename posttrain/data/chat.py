@@ -1,0 +1,85 @@
+"""Chat templates and loss masks.
+
+The tokenizer's own chat template renders the conversation. To know which tokens belong to assistant turns
+without special `{% generation %}` markers in the template, we render growing prefixes of the conversation:
+the text that `messages[:k]` + generation prompt adds is the prompt segment of turn k, and the text that
+`messages[:k+1]` adds beyond that is the assistant's answer (including the template's end-of-turn marker, so
+the model learns to stop). Segments are tokenised separately and concatenated; templates put special tokens at
+segment borders, so this equals tokenising the whole text for every template we know, and a template whose
+prefixes do not nest (e.g. one that rewrites earlier turns) is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def conversation_segments(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, is_assistant_answer) segments whose concatenation is the
+    template's rendering of the whole conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "the tokenizer has no chat template; give it one (tokenizer_config.json: chat_template)"
+        )
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:k], add_generation_prompt=True)
+        after = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
+        if not before.startswith(rendered) or not after.startswith(before):
+            raise TemplateError(
+                f"the chat template does not render turn {k} as an extension of the earlier turns "
+                "(it rewrites history), so assistant tokens cannot be located; use data.loss_on=all "
+                "or a template without history rewriting"
+            )
+        if len(before) > len(rendered):
+            segments.append((before[len(rendered) :], False))
+        segments.append((after[len(before) :], True))
+        rendered = after
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if not full.startswith(rendered):
+        raise TemplateError("the chat template renders the full conversation differently from its prefixes")
+    if len(full) > len(rendered):
+        segments.append((full[len(rendered) :], False))
+    return segments
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], loss_on: str = "assistant"
+) -> tuple[list[int], list[bool]]:
+    """Token ids of the templated conversation and, per token, whether it is a training target.
+
+    `loss_on="assistant"` trains on assistant answers only; `"all"` on every token (the first token of a
+    sequence has no prediction and is dropped by the shift in the loss either way).
+    """
+    input_ids: list[int] = []
+    loss_mask: list[bool] = []
+    for text, is_answer in conversation_segments(tokenizer, messages):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        loss_mask.extend([is_answer or loss_on == "all"] * len(ids))
+    return input_ids, loss_mask
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a prompt ready for generation (the template's assistant header appended)."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

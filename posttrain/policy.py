@@ -1,0 +1,139 @@
+"""Loading the model a recipe names, and the one forward the trainers use.
+
+`Policy` wraps either posttrain's own DeepSeek-V3 (whose MTP modules live inside the model) or any
+transformers causal LM (optionally with MTP modules attached, sharing its embedding and output head) behind a
+single call: `policy(input_ids, position_ids, with_mtp) -> (logits, [mtp_logits per depth])`. Packed rows need
+no attention mask: position ids that restart at 0 make both implementations attend within each sample only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from posttrain.config import ModelSection
+
+log = logging.getLogger(__name__)
+
+MTP_WEIGHTS = "mtp_heads.safetensors"
+
+
+def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    # Master weights stay in float32 unless asked otherwise; bf16 compute comes from autocast.
+    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _uses_posttrain_model(cfg: ModelSection, model_type: str) -> bool:
+    if cfg.implementation == "posttrain" and model_type != "deepseek_v3":
+        raise ValueError(f"model.implementation=posttrain supports deepseek_v3 models, not {model_type!r}")
+    return model_type == "deepseek_v3" and cfg.implementation != "transformers"
+
+
+def load_causal_lm(cfg: ModelSection) -> nn.Module:
+    """The bare causal LM: from a checkpoint (`path`) or randomly initialised from `from_config`."""
+    dtype = _torch_dtype(cfg.dtype)
+    source = cfg.path or cfg.from_config
+    config_dict = json.loads(Path(cfg.from_config).read_text()) if cfg.from_config else None
+    model_type = config_dict["model_type"] if config_dict else AutoConfig.from_pretrained(source).model_type
+    if _uses_posttrain_model(cfg, model_type):
+        from posttrain.model import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        if config_dict is not None:
+            return DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(config_dict)).to(dtype)
+        return DeepseekV3ForCausalLM.from_pretrained(cfg.path).to(dtype)
+    if config_dict is not None:
+        config = AutoConfig.for_model(**config_dict)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Policy(nn.Module):
+    """A causal LM plus (optionally) attached MTP heads, as one module for accelerate/DDP/FSDP."""
+
+    def __init__(self, model: nn.Module, mtp_heads: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.mtp_heads = mtp_heads
+
+    @property
+    def native_mtp(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "num_nextn_predict_layers", 0)) and hasattr(
+            self.model, "mtp"
+        )
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.mtp_heads is not None or self.native_mtp
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, with_mtp: bool = False
+    ) -> LMOutput:
+        if self.native_mtp:
+            out = self.model(input_ids, position_ids=position_ids, return_mtp=with_mtp)
+            return LMOutput(out.logits, list(out.mtp_logits or []) if with_mtp else [])
+        want_hidden = with_mtp and self.mtp_heads is not None
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=want_hidden
+        )
+        if not want_hidden:
+            return LMOutput(out.logits)
+        return LMOutput(out.logits, self.mtp_heads(out.hidden_states[-1], input_ids, position_ids))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """An HF-format model that transformers (or posttrain) loads; attached MTP heads saved beside it."""
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, and write the merged model
+            model.save_pretrained(Path(directory) / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(directory)
+        if self.mtp_heads is not None:
+            from safetensors.torch import save_file
+
+            own = {k: v for k, v in self.mtp_heads.state_dict().items() if not _is_shared(k)}
+            save_file({k: v.contiguous() for k, v in own.items()}, str(Path(directory) / MTP_WEIGHTS))
+
+
+def _is_shared(key: str) -> bool:
+    """Attached heads reference the model's embedding and output head; those are saved with the model."""
+    return key.startswith(("embed_tokens.", "lm_head.", "shared_embedding.", "shared_head."))
+
+
+def build_policy(cfg: ModelSection) -> Policy:
+    model = load_causal_lm(cfg)
+    heads = None
+    if cfg.mtp.enabled and cfg.mtp.attach_depth > 0:
+        from posttrain.model.mtp import attach_mtp
+
+        heads = attach_mtp(model, depth=cfg.mtp.attach_depth)
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        model.print_trainable_parameters()
+    return Policy(model, heads)

@@ -1,0 +1,166 @@
+"""What every trainer shares: accelerate set-up, optimiser and schedule, atomic checkpoints and exact resume,
+metrics and progress. The trainers (sft.py, grpo.py, distill.py) read top to bottom and call these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from posttrain.config import CheckpointSection, LoggingSection, TrainSection, dump_recipe
+from posttrain.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Multiplier on `lr` at optimiser step `step` (0-based): linear warm-up, then cosine decay to min_lr.
+
+    warm-up  (s < W):  (s + 1) / W
+    decay    (s ≥ W):  [min_lr + (lr − min_lr) · ½ (1 + cos(π · (s − W) / max(1, T − W − 1)))] / lr
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return (min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
+
+
+def make_accelerator(train: TrainSection) -> Accelerator:
+    precision = train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    set_seed(train.seed)
+    return accelerator
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainSection) -> torch.optim.AdamW:
+    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr,
+        betas=train.betas,
+        fused=fused,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection, total_steps: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, train.warmup_steps, train.lr, train.min_lr)
+    )
+
+
+class Checkpointer:
+    """Checkpoints under <output_dir>/checkpoints/step_<N>: model, optimiser, scheduler and RNG states (through
+    accelerate) plus `trainer_state.json` (step and the trainer's own counters).
+
+    Writing goes to a temporary directory that is renamed into place only when complete, so a run killed at
+    any moment leaves either the previous checkpoint or the new one, never half of one.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, cfg: CheckpointSection) -> None:
+        self.accelerator = accelerator
+        self.root = Path(output_dir) / "checkpoints"
+        self.cfg = cfg
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.cfg.every > 0 and step % self.cfg.every == 0)
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        final = self.root / f"step_{step:08d}"
+        partial = self.root / f".partial_step_{step:08d}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            (partial / "trainer_state.json").write_text(json.dumps({"step": step, **state}))
+            _fsync_dir(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            _fsync_dir(self.root)
+            for old in self.completed()[: -self.cfg.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def completed(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.name.startswith("step_"))
+
+    def restore_latest(self) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint into the prepared objects; None when there is none."""
+        done = self.completed()
+        if not done:
+            return None
+        self.accelerator.load_state(str(done[-1]))
+        return json.loads((done[-1] / "trainer_state.json").read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+class Progress:
+    """A progress bar with loss, tokens/s and ETA on the main process, and metrics to JSONL/TensorBoard."""
+
+    def __init__(
+        self, accelerator: Accelerator, output_dir: str | Path, cfg: LoggingSection, total: int, start: int
+    ) -> None:
+        self.main = accelerator.is_main_process
+        self.cfg = cfg
+        self.metrics = MetricsWriter(output_dir, tensorboard=cfg.tensorboard, enabled=self.main)
+        if start > 0:
+            self.metrics.truncate_after(start)
+        self.bar = tqdm(total=total, initial=start, disable=not (self.main and cfg.progress), unit="step")
+
+    def step(self, step: int, values: dict[str, Any], postfix: dict[str, str]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(postfix, refresh=False)
+        if step % self.cfg.every == 0:
+            self.metrics.write(step, values)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+
+def prepare_output_dir(output_dir: str | Path, recipe: Any, accelerator: Accelerator, resume: bool) -> Path:
+    out = Path(output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+            raise FileExistsError(
+                f"{out} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+            )
+        dump_recipe(recipe, out / "recipe.yaml")
+    accelerator.wait_for_everyone()
+    return out
+
+
+class StepTimer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
