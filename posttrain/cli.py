@@ -25,6 +25,17 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grpo(args: argparse.Namespace) -> int:
+    from posttrain.config import GRPORecipe
+
+    recipe = load_recipe(args.recipe, GRPORecipe, args.overrides)
+    from posttrain.trainers.grpo import train_grpo
+
+    model_dir = train_grpo(recipe, resume=args.resume)
+    print(f"model written to {model_dir}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
     "sft": (
         "supervised fine-tuning on packed samples (MTP kept on)",
@@ -33,6 +44,15 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
         "grad_accum, lr, min_lr, warmup_steps, ...), logging, checkpoint, output_dir. Multi-GPU: launch with "
         "`accelerate launch -m posttrain.cli sft ...` (DDP/FSDP from accelerate's own config).",
         _sft,
+    ),
+    "grpo": (
+        "GRPO with verifiable rewards and group-relative advantages",
+        "Sections: model, data (train prompts + reward columns, eval), generation (backend hf|vllm|openai, "
+        "max_tokens, temperature, top_p, stop, options), rewards (functions: [{name, weight, kwargs}], workers, "
+        "timeout_s), grpo (prompts_per_step, num_generations, num_iterations, micro_batch_size, "
+        "dynamic_sampling, loss: {epsilon, epsilon_high, beta, loss_type, scale_rewards, ...}), train, eval, "
+        "logging, checkpoint, output_dir.",
+        _grpo,
     ),
 }
 

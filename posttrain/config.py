@@ -68,11 +68,23 @@ class ModelSection(Section):
         return self
 
 
-class DataSection(Section):
+class DataSources(Section):
     train: list[str] = Field(
         ..., min_length=1, description="JSONL/Parquet files, `datasets` dirs, or hub:NAME"
     )
     eval: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("train", "eval"):
+                if isinstance(values.get(key), str):
+                    values = {**values, key: [values[key]]}
+        return values
+
+
+class DataSection(DataSources):
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     messages_field: str = "messages"
     prompt_field: str = "prompt"
@@ -84,15 +96,6 @@ class DataSection(Section):
     overlong: Literal["truncate", "drop"] = "truncate"
     num_proc: int = Field(1, ge=1, description="processes for tokenisation")
     cache_dir: str | None = Field(None, description="tokenisation cache; defaults to <output_dir>/cache")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_path_is_a_list(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            for key in ("train", "eval"):
-                if isinstance(values.get(key), str):
-                    values = {**values, key: [values[key]]}
-        return values
 
 
 class PackingSection(Section):
@@ -145,6 +148,86 @@ class SFTRecipe(Section):
     @property
     def pack_capacity(self) -> int:
         return self.packing.capacity or self.data.max_seq_len
+
+
+class PromptDataSection(DataSources):
+    """Prompts plus the columns rewards read (`answer`, `tests`, ...)."""
+
+    prompt_field: str = "prompt"
+    system_prompt: str | None = None
+    max_prompt_tokens: int | None = Field(None, gt=0)
+
+
+class GenerationSection(Section):
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    max_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = []
+    seed: int = 0
+    options: dict[str, Any] = Field(
+        {}, description="backend constructor arguments (vllm.LLM kwargs, base_url...)"
+    )
+
+
+class RewardItem(Section):
+    name: str = Field(..., description="registered name, entry point, or dotted path to a function")
+    weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class RewardsSection(Section):
+    functions: list[RewardItem] = Field(..., min_length=1)
+    workers: int | None = Field(None, gt=0, description="reward worker processes; default: CPU count")
+    timeout_s: float = Field(
+        10.0, gt=0, description="hard bound per reward call; the worker is killed after it"
+    )
+
+
+class GRPOSection(Section):
+    prompts_per_step: int = Field(8, gt=0, description="prompts per rollout batch (over all ranks)")
+    num_generations: int = Field(8, gt=1, description="G completions per prompt")
+    num_iterations: int = Field(1, gt=0, description="μ optimisation passes per rollout batch")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    dynamic_sampling: bool = Field(
+        False, description="drop groups whose rewards are all equal, refill (DAPO)"
+    )
+    max_refill_rounds: int = Field(4, ge=0)
+    ref_refresh_every: int = Field(0, ge=0, description="copy the policy into the reference every N steps")
+    loss: dict[str, Any] = Field({}, description="posttrain.algorithms.grpo.GRPOLossConfig fields")
+
+    @model_validator(mode="after")
+    def _loss_fields(self) -> GRPOSection:
+        import dataclasses
+
+        from posttrain.algorithms.grpo import GRPOLossConfig
+
+        known = {f.name for f in dataclasses.fields(GRPOLossConfig)}
+        unknown = sorted(set(self.loss) - known)
+        if unknown:
+            raise ValueError(f"unknown grpo.loss keys {unknown}; known: {sorted(known)}")
+        GRPOLossConfig(**self.loss)
+        return self
+
+
+class EvalSection(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after training)")
+    max_prompts: int | None = Field(None, gt=0)
+    accuracy_reward: str = Field("math_accuracy", description="the reward whose mean is reported as accuracy")
+
+
+class GRPORecipe(Section):
+    model: ModelSection
+    data: PromptDataSection
+    generation: GenerationSection = GenerationSection()
+    rewards: RewardsSection
+    grpo: GRPOSection = GRPOSection()
+    train: TrainSection = TrainSection(lr=1e-6, min_lr=1e-6, epochs=1)
+    eval: EvalSection = EvalSection()
+    logging: LoggingSection = LoggingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output_dir: str
 
 
 RecipeT = TypeVar("RecipeT", bound=BaseModel)

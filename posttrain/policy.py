@@ -21,8 +21,6 @@ from posttrain.config import ModelSection
 
 log = logging.getLogger(__name__)
 
-MTP_WEIGHTS = "mtp_heads.safetensors"
-
 
 def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
@@ -106,15 +104,7 @@ class Policy(nn.Module):
             model = model.merge_and_unload()
         model.save_pretrained(directory)
         if self.mtp_heads is not None:
-            from safetensors.torch import save_file
-
-            own = {k: v for k, v in self.mtp_heads.state_dict().items() if not _is_shared(k)}
-            save_file({k: v.contiguous() for k, v in own.items()}, str(Path(directory) / MTP_WEIGHTS))
-
-
-def _is_shared(key: str) -> bool:
-    """Attached heads reference the model's embedding and output head; those are saved with the model."""
-    return key.startswith(("embed_tokens.", "lm_head.", "shared_embedding.", "shared_head."))
+            self.mtp_heads.save_pretrained(directory)
 
 
 def build_policy(cfg: ModelSection) -> Policy:

@@ -44,20 +44,20 @@ def make_problem(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         c = rng.randint(1, a + b - 1)
         question = (
             f"{name} has {a} {item}, gets {b} more and gives away {c}. How many {item} does {name} have?"
         )
         return Problem(question, (f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"), a + b - c)
     if kind == 1:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        c = rng.randint(1, 20)
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        c = rng.randint(1, 9)
         question = (
             f"{name} fills {a} boxes with {b} {item} each and finds {c} more. How many {item} in total?"
         )
         return Problem(question, (f"{a} * {b} = {a * b}", f"{a * b} + {c} = {a * b + c}"), a * b + c)
-    a = rng.randint(10, 40)
+    a = rng.randint(5, 19)
     b = rng.randint(1, a - 1)
     question = f"{name} had {a} {item} and lost {b}. How many {item} are left?"
     return Problem(question, (f"{a} - {b} = {a - b}",), a - b)
@@ -76,7 +76,7 @@ def rl_row(problem: Problem) -> dict:
 
 
 def generate_splits(
-    seed: int = 0, n_sft: int = 2000, n_rl: int = 1000, n_test: int = 200
+    seed: int = 0, n_sft: int = 4000, n_rl: int = 1000, n_test: int = 200
 ) -> dict[str, list[dict]]:
     """Disjoint splits (no question appears in two of them)."""
     rng = random.Random(seed)

@@ -150,8 +150,10 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
             with accelerator.no_sync(model) if not last else nullcontext(), accelerator.autocast():
                 out_lm = model(batch["input_ids"], batch["position_ids"], with_mtp=mtp_depth > 0)
                 sums = [token_cross_entropy_sum(out_lm.logits, batch_targets[0])[0]]
+                # MTP depth k returns [B, L - k, V] logits: position i predicts token i + 1 + k.
                 sums += [
-                    token_cross_entropy_sum(lg, t)[0] for lg, t in zip(out_lm.mtp_logits, batch_targets[1:])
+                    token_cross_entropy_sum(lg, t[:, : lg.shape[1]])[0]
+                    for lg, t in zip(out_lm.mtp_logits, batch_targets[1:])
                 ]
                 loss = mtp_combined_loss(
                     sums[0], global_counts[0], sums[1:], list(global_counts[1:]), recipe.model.mtp.weight

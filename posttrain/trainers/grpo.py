@@ -1,0 +1,465 @@
+"""GRPO (DeepSeekMath §4, DeepSeek-R1 §2.2): sample G completions per prompt, score them, and move the policy
+toward the better ones relative to their group — no critic.
+
+One step of this trainer reads top to bottom:
+  1. rollouts: the backend samples G completions for each prompt of the step (this rank's share);
+  2. rewards: the recipe's reward functions score them in worker processes (failures are None, never 0);
+  3. advantages: group-relative, from `posttrain.algorithms.grpo` (dynamic sampling drops flat groups);
+  4. log-probs: the trainer's own log-probs of the sampled tokens before any update (π_old, also compared
+     with the sampler's to measure the rollout gap), and the reference's when β > 0;
+  5. μ optimisation passes over the rollout batch, each one optimiser step;
+  6. the new weights are pushed into the backend, metrics written, checkpoints taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from posttrain.algorithms.grpo import (
+    GRPOLossConfig,
+    group_advantages,
+    grpo_loss,
+    loss_token_mask,
+    zero_variance_groups,
+)
+from posttrain.config import GenerationSection, GRPORecipe
+from posttrain.data.prompts import PromptSet, load_prompts
+from posttrain.generation.base import Backend, Completion, SamplingParams, build_backend
+from posttrain.policy import Policy, build_policy, load_tokenizer
+from posttrain.report import write_report
+from posttrain.trainers.loop import (
+    Checkpointer,
+    Progress,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    prepare_output_dir,
+)
+
+log = logging.getLogger(__name__)
+
+GRPO_REPORT_PANELS = [
+    "reward/mean",
+    ("eval/accuracy",),
+    "loss",
+    "kl",
+    ("completion_length/mean", "completion_length/max"),
+    ("gap/mean_abs", "gap/max_abs"),
+    ("clip_ratio/low_mean", "clip_ratio/high_mean"),
+    "frac_zero_variance_groups",
+    "entropy",
+]
+
+
+@dataclass
+class RolloutBatch:
+    """G completions for each of a step's prompts, flattened prompt-major, scored."""
+
+    prompts: PromptSet  # one row per completion (each prompt repeated G times)
+    completions: list[Completion]
+    rewards: torch.Tensor  # [N], NaN where no reward
+    per_function: dict[str, list[float | None]]
+    failures: int
+
+
+def make_backend(cfg: GenerationSection, policy: Policy, tokenizer: Any, out: Path) -> Backend:
+    """The rollout engine. `hf` generates with the trainer's own module (no copy, no sync needed); `vllm`
+    starts from a snapshot of the initial policy and receives new weights after every step."""
+    if cfg.backend == "hf":
+        return build_backend("hf", model=_hf_module(policy), tokenizer=tokenizer, **cfg.options)
+    if cfg.backend == "vllm":
+        snapshot = out / "rollout_init"
+        _hf_module(policy).save_pretrained(snapshot)
+        tokenizer.save_pretrained(snapshot)
+        return build_backend("vllm", model_path=str(snapshot), seed=cfg.seed, **cfg.options)
+    return build_backend("openai", **cfg.options)
+
+
+def _hf_module(policy: Policy) -> torch.nn.Module:
+    return policy.model
+
+
+def sampling_params(cfg: GenerationSection, n: int, seed: int, greedy: bool = False) -> SamplingParams:
+    return SamplingParams(
+        n=n,
+        max_tokens=cfg.max_tokens,
+        temperature=0.0 if greedy else cfg.temperature,
+        top_p=1.0 if greedy else cfg.top_p,
+        stop=list(cfg.stop),
+        seed=seed,
+    )
+
+
+def score(runner: Any, prompts: PromptSet, completions: list[Completion]) -> tuple[torch.Tensor, dict, int]:
+    scores = runner.score(prompts.messages, [c.text for c in completions], prompts.columns)
+    for failure in scores.failures[:5]:
+        log.warning(
+            "reward %s failed on sample %d: %s", failure.reward, failure.sample, failure.message[:300]
+        )
+    rewards = torch.tensor([math.nan if r is None else r for r in scores.total], dtype=torch.float64)
+    return rewards, scores.per_function, len(scores.failures)
+
+
+def collect_rollouts(
+    backend: Backend, runner: Any, prompts: PromptSet, recipe: GRPORecipe, seed: int, refill: PromptSet | None
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """Generate and score; with dynamic sampling, replace groups whose rewards are all equal by fresh prompts."""
+    g = recipe.grpo.num_generations
+    params = sampling_params(recipe.generation, g, seed)
+    t0 = time.perf_counter()
+    groups = backend.generate(prompts.prompt_ids, params)
+    t_gen = time.perf_counter() - t0
+    expanded = prompts.select([i for i in range(len(prompts)) for _ in range(g)])
+    completions = [c for group in groups for c in group]
+    rewards, per_function, failures = score(runner, expanded, completions)
+    t_reward = time.perf_counter() - t0 - t_gen
+    keep, frac_zero = zero_variance_groups(rewards, g)
+    stats = {
+        "frac_zero_variance_groups": float(frac_zero),
+        "time/generation_s": t_gen,
+        "time/rewards_s": t_reward,
+    }
+    if recipe.grpo.dynamic_sampling and refill is not None:
+        rounds = 0
+        cursor = 0
+        while not bool(keep.all()) and rounds < recipe.grpo.max_refill_rounds and cursor < len(refill):
+            rounds += 1
+            missing = int((~keep).sum())
+            extra = refill.select(list(range(cursor, min(cursor + missing, len(refill)))))
+            cursor += len(extra)
+            more = backend.generate(
+                extra.prompt_ids, sampling_params(recipe.generation, g, seed + 7919 * rounds)
+            )
+            extra_rows = extra.select([i for i in range(len(extra)) for _ in range(g)])
+            extra_completions = [c for group in more for c in group]
+            extra_rewards, extra_per_function, extra_failures = score(runner, extra_rows, extra_completions)
+            extra_keep, _ = zero_variance_groups(extra_rewards, g)
+            slots = [int(i) for i in torch.nonzero(~keep).flatten()][: len(extra)]
+            for slot, k in zip(slots, range(len(extra)), strict=False):
+                if not bool(extra_keep[k]):
+                    continue
+                rows = list(range(slot * g, (slot + 1) * g))
+                new_rows = list(range(k * g, (k + 1) * g))
+                for r, nr in zip(rows, new_rows, strict=True):
+                    completions[r] = extra_completions[nr]
+                    rewards[r] = extra_rewards[nr]
+                    for name in per_function:
+                        per_function[name][r] = extra_per_function[name][nr]
+                    for key in expanded.columns:
+                        expanded.columns[key][r] = extra_rows.columns[key][nr]
+                    expanded.messages[r] = extra_rows.messages[nr]
+                    expanded.prompt_ids[r] = extra_rows.prompt_ids[nr]
+                keep[slot] = True
+            failures += extra_failures
+        stats["dynamic_sampling/refill_rounds"] = rounds
+        stats["dynamic_sampling/kept_groups_frac"] = float(keep.float().mean())
+    return RolloutBatch(expanded, completions, rewards, per_function, failures), stats
+
+
+def completion_tensors(batch: RolloutBatch, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded [B, L] sequences (prompt ‖ completion) and the completion's place in them."""
+    rows = [p + c.token_ids for p, c in zip(batch.prompts.prompt_ids, batch.completions, strict=True)]
+    width = max(len(r) for r in rows)
+    t_max = max(1, max(len(c.token_ids) for c in batch.completions))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    sampler = torch.zeros(len(rows), t_max)
+    mask = torch.zeros(len(rows), t_max, dtype=torch.bool)
+    for i, (row, completion) in enumerate(zip(rows, batch.completions, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        n = len(completion.token_ids)
+        mask[i, :n] = True
+        sampler[i, :n] = torch.tensor(completion.logprobs[:n], dtype=torch.float32)
+    prompt_lens = torch.tensor([len(p) for p in batch.prompts.prompt_ids])
+    truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions])
+    tensors = {
+        "input_ids": ids,
+        "prompt_lens": prompt_lens,
+        "completion_mask": mask,
+        "sampler_logps": sampler,
+        "is_truncated": truncated,
+    }
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def completion_logprobs(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], rows: slice, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(z_t / T)[y_t] of every completion token, [b, T_max], and the per-token entropy.
+
+    The same definition as every generation backend (posttrain.generation.base), so the trainer's π_old and the
+    sampler's log-probs are directly comparable.
+    """
+    ids = tensors["input_ids"][rows]
+    prompt_lens = tensors["prompt_lens"][rows]
+    t_max = tensors["completion_mask"].shape[1]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    logits = model(ids, positions).logits
+    # Position p predicts token p + 1: completion token t sits at prompt_len + t, predicted at prompt_len + t − 1.
+    index = (prompt_lens[:, None] - 1 + torch.arange(t_max, device=ids.device)[None, :]).clamp(
+        max=ids.shape[1] - 2
+    )
+    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    log_probs = F.log_softmax(picked, dim=-1)
+    targets = ids.gather(1, (index + 1).clamp(max=ids.shape[1] - 1))
+    token_logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return token_logps, entropy
+
+
+def _micro_slices(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@torch.no_grad()
+def frozen_logprobs(model: torch.nn.Module, tensors: dict, size: int, temperature: float) -> torch.Tensor:
+    parts = [
+        completion_logprobs(model, tensors, rows, temperature)[0]
+        for rows in _micro_slices(len(tensors["input_ids"]), size)
+    ]
+    return torch.cat(parts)
+
+
+def evaluate(backend: Backend, runner: Any, prompts: PromptSet, recipe: GRPORecipe) -> dict[str, float]:
+    """Greedy decoding on held-out prompts, scored by the recipe's rewards."""
+    groups = backend.generate(prompts.prompt_ids, sampling_params(recipe.generation, 1, 0, greedy=True))
+    completions = [group[0] for group in groups]
+    rewards, per_function, _ = score(runner, prompts, completions)
+    metric = recipe.eval.accuracy_reward
+    values = per_function.get(metric)
+    result = {"eval/reward": float(np.nanmean(rewards.numpy())) if len(rewards) else float("nan")}
+    if values is not None:
+        result["eval/accuracy"] = float(np.mean([1.0 if (v or 0) > 0.5 else 0.0 for v in values]))
+    return result
+
+
+def step_prompt_ids(step: int, n_prompts: int, per_step: int, seed: int) -> np.ndarray:
+    """Prompt indices of GRPO step `step`: a seeded permutation per epoch, wrapped at the end of an epoch."""
+    steps_per_epoch = max(1, n_prompts // per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+    return order[k * per_step : (k + 1) * per_step]
+
+
+def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
+    from rewards import RewardRunner, RewardSpec
+
+    accelerator = make_accelerator(recipe.train)
+    out = prepare_output_dir(recipe.output_dir, recipe, accelerator, resume)
+    tokenizer = load_tokenizer(recipe.model)
+    data = recipe.data
+    prompts = load_prompts(
+        data.train, tokenizer, data.prompt_field, data.system_prompt, data.max_prompt_tokens
+    )
+    eval_prompts = (
+        load_prompts(data.eval, tokenizer, data.prompt_field, data.system_prompt) if data.eval else None
+    )
+    if eval_prompts is not None and recipe.eval.max_prompts:
+        eval_prompts = eval_prompts.select(list(range(min(recipe.eval.max_prompts, len(eval_prompts)))))
+
+    grpo = recipe.grpo
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if grpo.prompts_per_step % world:
+        raise ValueError(
+            f"grpo.prompts_per_step ({grpo.prompts_per_step}) must divide over {world} processes"
+        )
+    local_prompts = grpo.prompts_per_step // world
+    loss_cfg = GRPOLossConfig(**{"max_completion_length": recipe.generation.max_tokens, **grpo.loss})
+    total_steps = recipe.train.max_steps or max(
+        1, math.ceil(recipe.train.epochs * len(prompts) / grpo.prompts_per_step)
+    )
+    temperature = recipe.generation.temperature or 1.0
+
+    policy = build_policy(recipe.model)
+    reference = _make_reference(policy, loss_cfg.beta)
+    optimizer = make_optimizer(list(policy.parameters()), recipe.train)
+    scheduler = make_scheduler(optimizer, recipe.train, total_steps * grpo.num_iterations)
+    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    unwrapped: Policy = accelerator.unwrap_model(model)
+    checkpointer = Checkpointer(accelerator, out, recipe.checkpoint)
+    start_step = 0
+    if resume and (state := checkpointer.restore_latest()):
+        start_step = state["step"]
+        if reference is not None and state.get("reference_refreshed_at"):
+            reference.load_state_dict(unwrapped.state_dict())
+    backend = make_backend(recipe.generation, unwrapped, tokenizer, out)
+    if start_step:
+        backend.sync_weights(_hf_module(unwrapped))
+    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in recipe.rewards.functions]
+    runner = RewardRunner(specs, workers=recipe.rewards.workers, timeout_s=recipe.rewards.timeout_s)
+    progress = Progress(accelerator, out, recipe.logging, total_steps, start_step)
+
+    if eval_prompts is not None and start_step == 0 and accelerator.is_main_process:
+        progress.metrics.write(0, evaluate(backend, runner, eval_prompts, recipe))
+
+    reference_refreshed_at = 0
+    for step in range(start_step, total_steps):
+        t_step = time.perf_counter()
+        ids = step_prompt_ids(step, len(prompts), grpo.prompts_per_step, recipe.train.seed)
+        mine = prompts.select([int(i) for i in ids[rank * local_prompts : (rank + 1) * local_prompts]])
+        refill = (
+            _refill_prompts(prompts, ids, step, recipe.train.seed, rank, world)
+            if grpo.dynamic_sampling
+            else None
+        )
+        model.eval()
+        batch, stats = collect_rollouts(
+            backend, runner, mine, recipe, recipe.generation.seed + step * 1009 + rank, refill
+        )
+        tensors = completion_tensors(batch, tokenizer.pad_token_id, accelerator.device)
+        advantages, valid = group_advantages(batch.rewards, grpo.num_generations, loss_cfg.scale_rewards)
+        advantages, valid = advantages.float().to(accelerator.device), valid.to(accelerator.device)
+
+        needs_old = grpo.num_iterations > 1 or loss_cfg.off_policy_mask_threshold is not None
+        with accelerator.autocast():
+            old_logps = (
+                frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature) if needs_old else None
+            )
+            ref_logps = None
+            if reference is not None:
+                ref_logps = frozen_logprobs(reference, tensors, grpo.micro_batch_size, temperature)
+            elif loss_cfg.beta > 0:  # LoRA: the base model is the policy with its adapters switched off
+                with unwrapped.model.disable_adapter():
+                    ref_logps = frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature)
+        mask, _ = loss_token_mask(
+            tensors["completion_mask"],
+            loss_cfg,
+            advantages,
+            valid,
+            tensors["is_truncated"],
+            old_logps,
+            tensors["sampler_logps"],
+        )
+        counts = accelerator.reduce(
+            torch.stack([mask.sum(), torch.tensor(len(mask), device=mask.device)]), "sum"
+        )
+
+        model.train()
+        pass_metrics: list[dict[str, float]] = []
+        for _ in range(grpo.num_iterations):
+            slices = _micro_slices(len(mask), grpo.micro_batch_size)
+            sums: dict[str, float] = {}
+            for j, rows in enumerate(slices):
+                sync = nullcontext() if j == len(slices) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    logps, entropy = completion_logprobs(model, tensors, rows, temperature)
+                    loss, metrics = grpo_loss(
+                        logps,
+                        advantages[rows],
+                        tensors["completion_mask"][rows],
+                        loss_cfg,
+                        old_logps=None if old_logps is None else old_logps[rows],
+                        ref_logps=None if ref_logps is None else ref_logps[rows],
+                        sampler_logps=tensors["sampler_logps"][rows],
+                        reward_valid=valid[rows],
+                        is_truncated=tensors["is_truncated"][rows],
+                        num_tokens_global=counts[0],
+                        num_sequences_global=counts[1],
+                    )
+                    accelerator.backward(loss * world)
+                weight = (rows.stop - rows.start) / len(mask)  # metrics are micro-batch means
+                sums["loss"] = sums.get("loss", 0.0) + float(
+                    loss.detach()
+                )  # already a share of the global loss
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+                ent = (entropy.detach() * tensors["completion_mask"][rows]).sum() / tensors[
+                    "completion_mask"
+                ][rows].sum().clamp(min=1)
+                sums["entropy"] = sums.get("entropy", 0.0) + float(ent) * weight
+            if recipe.train.max_grad_norm is not None:
+                sums["grad_norm"] = float(
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pass_metrics.append(sums)
+        t_sync = time.perf_counter()
+        backend.sync_weights(_hf_module(unwrapped))
+        stats["time/sync_s"] = time.perf_counter() - t_sync
+        if reference is not None and grpo.ref_refresh_every and (step + 1) % grpo.ref_refresh_every == 0:
+            reference.load_state_dict(unwrapped.state_dict())
+            reference_refreshed_at = step + 1
+
+        done = step + 1
+        values = {**{k: float(np.mean([m[k] for m in pass_metrics])) for k in pass_metrics[0]}, **stats}
+        values.update(_rollout_metrics(batch, tensors))
+        values["lr"] = scheduler.get_last_lr()[0]
+        values["time/step_s"] = time.perf_counter() - t_step
+        if (
+            eval_prompts is not None
+            and recipe.eval.every
+            and done % recipe.eval.every == 0
+            and accelerator.is_main_process
+        ):
+            values.update(evaluate(backend, runner, eval_prompts, recipe))
+        progress.step(
+            done,
+            values,
+            {"reward": f"{values['reward/mean']:.3f}", "len": f"{values['completion_length/mean']:.0f}"},
+        )
+        if checkpointer.due(done, total_steps):
+            checkpointer.save(done, {"reference_refreshed_at": reference_refreshed_at})
+
+    if eval_prompts is not None and accelerator.is_main_process:
+        final = evaluate(backend, runner, eval_prompts, recipe)
+        progress.metrics.write(total_steps, final)
+        log.info("held-out after GRPO: %s", final)
+    progress.close()
+    runner.close()
+    backend.close()
+    model_dir = out / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        write_report(out, GRPO_REPORT_PANELS, title=f"GRPO — {recipe.output_dir}")
+    accelerator.wait_for_everyone()
+    return model_dir
+
+
+def _make_reference(policy: Policy, beta: float) -> torch.nn.Module | None:
+    """β = 0: no reference at all. With LoRA the base model (adapters off) is the reference: no second copy."""
+    if beta == 0 or hasattr(policy.model, "disable_adapter"):
+        return None
+    reference = copy.deepcopy(policy).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def _refill_prompts(
+    prompts: PromptSet, used: np.ndarray, step: int, seed: int, rank: int, world: int
+) -> PromptSet:
+    """Prompts not in this step's batch, in a seeded order private to (step, rank)."""
+    rest = np.setdiff1d(np.arange(len(prompts)), used)
+    order = np.random.default_rng([seed, step, rank, 17]).permutation(rest)
+    return prompts.select([int(i) for i in order[rank::world]])
+
+
+def _rollout_metrics(batch: RolloutBatch, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    lengths = tensors["completion_mask"].sum(1).float()
+    rewards = batch.rewards.numpy()
+    metrics = {
+        "reward/mean": float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan"),
+        "reward/std": float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan"),
+        "reward/none_count": float(np.isnan(rewards).sum()),
+        "reward/failures": float(batch.failures),
+        "completion_length/mean": float(lengths.mean()),
+        "completion_length/max": float(lengths.max()),
+        "truncation_rate": float(tensors["is_truncated"].float().mean()),
+    }
+    for name, values in batch.per_function.items():
+        present = [v for v in values if v is not None]
+        metrics[f"reward/{name}"] = float(np.mean(present)) if present else float("nan")
+    return metrics
