@@ -36,6 +36,33 @@ def _grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_rewards(args: argparse.Namespace) -> int:
+    from pydantic import BaseModel, ConfigDict
+
+    from posttrain.evals.rewardbench import RewardBenchConfig, run_rewardbench
+
+    class RewardBenchRecipe(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        rewardbench: RewardBenchConfig
+
+    recipe = load_recipe(args.recipe, RewardBenchRecipe, args.overrides)
+    results = run_rewardbench(recipe.rewardbench)
+    print(f"overall {results['overall']:.4f}; written to {recipe.rewardbench.output_dir}")
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from posttrain.quickstart import run_quickstart
+
+    summary = run_quickstart(args.output_dir, args.recipes_dir, args.overrides)
+    print(
+        f"held-out accuracy: {summary['held_out_accuracy_after_sft']:.1%} after SFT -> "
+        f"{summary['held_out_accuracy_after_grpo']:.1%} after GRPO"
+    )
+    print("reports: " + ", ".join(summary["reports"]))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
     "sft": (
         "supervised fine-tuning on packed samples (MTP kept on)",
@@ -54,6 +81,20 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
         "logging, checkpoint, output_dir.",
         _grpo,
     ),
+    "eval-rewards": (
+        "score a reward model or a generative judge on RewardBench-format pairs",
+        "Section `rewardbench`: data (local RewardBench export), model (sequence classifier) or judge "
+        "(kind hf|openai, model, base_url, votes, both_orders, template), output_dir, batch_size, seed, "
+        "max_pairs. Scoring follows RewardBench: per-subset accuracy, section scores weighted by its "
+        "example counts, overall = mean of sections.",
+        _eval_rewards,
+    ),
+    "quickstart": (
+        "the bundled main job: SFT then GRPO of a tiny model on generated arithmetic (CPU, minutes)",
+        "Runs recipes/sft_quickstart.yaml then recipes/grpo_quickstart.yaml and reports held-out accuracy "
+        "before and after GRPO.",
+        _quickstart,
+    ),
 }
 
 
@@ -68,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, details, handler) in COMMANDS.items():
         command = sub.add_parser(name, help=summary, description=f"{summary}. {details}")
-        if name != "quickstart":
+        if name == "quickstart":
+            command.add_argument("--output-dir", default="runs/quickstart")
+            command.add_argument("--recipes-dir", default="recipes")
+            command.add_argument("overrides", nargs="*", help="overrides applied to both recipes")
+        else:
             command.add_argument("recipe", help=RECIPE_HELP)
             command.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
         if name in ("sft", "grpo", "distill", "traces"):

@@ -1,0 +1,1 @@
+"""Evaluations: RewardBench scoring of reward models and generative judges."""
