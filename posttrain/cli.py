@@ -51,6 +51,12 @@ def _eval_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sandbox(args: argparse.Namespace) -> int:
+    from sandbox.server import main as sandbox_main
+
+    return sandbox_main(args.sandbox_args)
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from posttrain.quickstart import run_quickstart
 
@@ -89,6 +95,12 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
         "example counts, overall = mean of sections.",
         _eval_rewards,
     ),
+    "sandbox": (
+        "the code sandbox: `posttrain sandbox serve --port N --workers K` or `posttrain sandbox check`",
+        "Runs untrusted code isolated (namespaces, rlimits, scrubbed environment) for code rewards; `serve` "
+        "offers it over HTTP to reward workers on other machines, `check` reports the isolation layers.",
+        _sandbox,
+    ),
     "quickstart": (
         "the bundled main job: SFT then GRPO of a tiny model on generated arithmetic (CPU, minutes)",
         "Runs recipes/sft_quickstart.yaml then recipes/grpo_quickstart.yaml and reports held-out accuracy "
@@ -109,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, details, handler) in COMMANDS.items():
         command = sub.add_parser(name, help=summary, description=f"{summary}. {details}")
-        if name == "quickstart":
+        if name == "sandbox":
+            command.add_argument("sandbox_args", nargs=argparse.REMAINDER, help="arguments of `python -m sandbox`")
+        elif name == "quickstart":
             command.add_argument("--output-dir", default="runs/quickstart")
             command.add_argument("--recipes-dir", default="recipes")
             command.add_argument("overrides", nargs="*", help="overrides applied to both recipes")

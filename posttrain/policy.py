@@ -62,6 +62,7 @@ def load_causal_lm(cfg: ModelSection) -> nn.Module:
 class LMOutput:
     logits: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    aux_loss: torch.Tensor | None = None  # DeepSeekMoE's optional sequence-wise balance loss
 
 
 class Policy(nn.Module):
@@ -73,21 +74,26 @@ class Policy(nn.Module):
         self.mtp_heads = mtp_heads
 
     @property
-    def native_mtp(self) -> bool:
-        return bool(getattr(getattr(self.model, "config", None), "num_nextn_predict_layers", 0)) and hasattr(
-            self.model, "mtp"
-        )
+    def is_posttrain_model(self) -> bool:
+        from posttrain.model import DeepseekV3ForCausalLM
+
+        return isinstance(self.model, DeepseekV3ForCausalLM)
 
     @property
-    def has_mtp(self) -> bool:
-        return self.mtp_heads is not None or self.native_mtp
+    def mtp_depth(self) -> int:
+        if self.mtp_heads is not None:
+            return self.mtp_heads.depth
+        if self.is_posttrain_model:
+            return len(self.model.model.mtp_layers)
+        return 0
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, with_mtp: bool = False
     ) -> LMOutput:
-        if self.native_mtp:
+        if self.is_posttrain_model:
             out = self.model(input_ids, position_ids=position_ids, return_mtp=with_mtp)
-            return LMOutput(out.logits, list(out.mtp_logits or []) if with_mtp else [])
+            mtp_logits = list(out.mtp_logits or []) if with_mtp else []
+            return LMOutput(out.logits, mtp_logits, out.aux_loss)
         want_hidden = with_mtp and self.mtp_heads is not None
         out = self.model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=want_hidden

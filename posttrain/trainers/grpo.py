@@ -45,6 +45,7 @@ from posttrain.trainers.loop import (
     make_optimizer,
     make_scheduler,
     prepare_output_dir,
+    update_expert_bias,
 )
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,7 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            sums.update(update_expert_bias(unwrapped, recipe.model.expert_bias_update))
             pass_metrics.append(sums)
         t_sync = time.perf_counter()
         backend.sync_weights(_hf_module(unwrapped))

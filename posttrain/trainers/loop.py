@@ -64,6 +64,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection, total_
     )
 
 
+def update_expert_bias(policy: torch.nn.Module, gamma: float) -> dict[str, float]:
+    """Auxiliary-loss-free balancing after an optimiser step, for MoE models that support it: returns the
+    worst layer's max/mean expert load (over all ranks) for the metrics, or {} for other models."""
+    update = getattr(getattr(policy, "model", None), "update_routing_bias", None)
+    if update is None or gamma <= 0:
+        return {}
+    return {"moe/max_over_mean_load": update(gamma)["max_over_mean_load"]}
+
+
 class Checkpointer:
     """Checkpoints under <output_dir>/checkpoints/step_<N>: model, optimiser, scheduler and RNG states (through
     accelerate) plus `trainer_state.json` (step and the trainer's own counters).

@@ -34,6 +34,7 @@ from posttrain.trainers.loop import (
     make_optimizer,
     make_scheduler,
     prepare_output_dir,
+    update_expert_bias,
 )
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,7 @@ def _targets(batch: dict[str, torch.Tensor], mtp_depth: int) -> list[torch.Tenso
 
 
 def mtp_depth_of(policy: Policy, recipe: SFTRecipe) -> int:
-    if not recipe.model.mtp.enabled or not policy.has_mtp:
-        return 0
-    if policy.mtp_heads is not None:
-        return recipe.model.mtp.attach_depth
-    return int(policy.model.config.num_nextn_predict_layers)
+    return policy.mtp_depth if recipe.model.mtp.enabled else 0
 
 
 def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
@@ -158,6 +155,8 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
                 loss = mtp_combined_loss(
                     sums[0], global_counts[0], sums[1:], list(global_counts[1:]), recipe.model.mtp.weight
                 )
+                if out_lm.aux_loss is not None:  # sequence-wise balance loss (report Eq. 17-20), if enabled
+                    loss = loss + out_lm.aux_loss / len(batches)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that average.
                 accelerator.backward(loss * accelerator.num_processes)
             loss_sums += torch.stack([s.detach().float() for s in sums])
@@ -168,7 +167,7 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        _update_expert_bias(unwrapped, recipe.model.expert_bias_update)
+        balance = update_expert_bias(unwrapped, recipe.model.expert_bias_update)
 
         done = step + 1
         means = accelerator.reduce(loss_sums, reduction="sum") / global_counts.clamp(min=1)
@@ -182,6 +181,7 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
             "target_tokens": int(global_counts[0]),
             "epoch": step / steps_per_epoch,
         }
+        values.update(balance)
         if mtp_depth:
             values["mtp_loss"] = float(means[1:].mean())
         if grad_norm is not None:
@@ -202,13 +202,6 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model_dir
-
-
-def _update_expert_bias(policy: Policy, gamma: float) -> None:
-    """Auxiliary-loss-free balancing after each optimiser step (MoE models that support it)."""
-    update = getattr(policy.model, "update_expert_bias", None)
-    if update is not None and gamma > 0:
-        update(gamma)
 
 
 def _one_sample_per_row(samples: Any, capacity: int) -> Any:

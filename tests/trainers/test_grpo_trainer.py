@@ -44,7 +44,7 @@ def write_recipe(tmp_path: Path, policy: str, repo_root: Path, name: str, **grpo
             "functions": [
                 {"name": "math_accuracy", "weight": 1.0},
                 # a user's reward, named by import path, never registered in the library
-                {"name": "rewards.format:tag_count", "weight": 0.5},
+                {"name": "rewards.format:repetition_penalty", "weight": 0.5, "kwargs": {"ngram": 1}},
             ],
             "workers": 2,
         },
@@ -75,7 +75,7 @@ def test_grpo_run_logs_rewards_gap_and_kl_and_writes_a_report(tmp_path, tiny_pol
     for r in steps:
         for key in (
             "reward/math_accuracy",
-            "reward/rewards.format:tag_count",
+            "reward/rewards.format:repetition_penalty",
             "kl",
             "entropy",
             "gap/mean_abs",
@@ -85,6 +85,7 @@ def test_grpo_run_logs_rewards_gap_and_kl_and_writes_a_report(tmp_path, tiny_pol
         assert r["gap/max_abs"] < 1e-4
         assert r["completion_length/max"] <= 12
     assert steps[0]["kl"] < 1e-6 < steps[-1]["kl"]  # the policy leaves the reference as it trains
+    assert min(r["frac_zero_variance_groups"] for r in steps) < 1  # so there was something to learn
     assert (model_dir.parent / "report.png").exists()
     assert (model_dir / "model.safetensors").exists()
 
