@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (summary, details, handler) in COMMANDS.items():
         command = sub.add_parser(name, help=summary, description=f"{summary}. {details}")
         if name == "sandbox":
-            command.add_argument("sandbox_args", nargs=argparse.REMAINDER, help="arguments of `python -m sandbox`")
+            command.add_argument(
+                "sandbox_args", nargs=argparse.REMAINDER, help="arguments of `python -m sandbox`"
+            )
         elif name == "quickstart":
             command.add_argument("--output-dir", default="runs/quickstart")
             command.add_argument("--recipes-dir", default="recipes")
