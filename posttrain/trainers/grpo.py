@@ -103,7 +103,8 @@ def sampling_params(cfg: GenerationSection, n: int, seed: int, greedy: bool = Fa
 
 
 def score(runner: Any, prompts: PromptSet, completions: list[Completion]) -> tuple[torch.Tensor, dict, int]:
-    scores = runner.score(prompts.messages, [c.text for c in completions], prompts.columns)
+    columns = {**prompts.columns, "completion_ids": [c.token_ids for c in completions]}
+    scores = runner.score(prompts.messages, [c.text for c in completions], columns)
     for failure in scores.failures[:5]:
         log.warning(
             "reward %s failed on sample %d: %s", failure.reward, failure.sample, failure.message[:300]
