@@ -159,7 +159,10 @@ class PromptDataSection(DataSources):
 
 
 class GenerationSection(Section):
-    backend: Literal["hf", "vllm", "openai"] = "hf"
+    backend: Literal["auto", "hf", "latent", "vllm", "openai"] = Field(
+        "auto",
+        description="auto: `latent` (our absorbed-MLA decoding) for posttrain's DeepSeek-V3, `hf` otherwise",
+    )
     max_tokens: int = Field(256, gt=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -75,11 +75,20 @@ class RolloutBatch:
 
 
 def make_backend(cfg: GenerationSection, policy: Policy, tokenizer: Any, out: Path) -> Backend:
-    """The rollout engine. `hf` generates with the trainer's own module (no copy, no sync needed); `vllm`
-    starts from a snapshot of the initial policy and receives new weights after every step."""
-    if cfg.backend == "hf":
+    """The rollout engine. `hf` and `latent` generate with the trainer's own module (no copy, nothing to sync);
+    `vllm` starts from a snapshot of the initial policy and receives new weights after every step."""
+    kind = cfg.backend
+    if kind == "auto":
+        kind = "latent" if policy.is_posttrain_model else "hf"
+    if kind == "latent":
+        if not policy.is_posttrain_model:
+            raise ValueError("generation.backend=latent needs posttrain's DeepSeek-V3 (model.implementation)")
+        from posttrain.generation.latent import LatentCacheBackend
+
+        return LatentCacheBackend(_hf_module(policy), tokenizer, **cfg.options)
+    if kind == "hf":
         return build_backend("hf", model=_hf_module(policy), tokenizer=tokenizer, **cfg.options)
-    if cfg.backend == "vllm":
+    if kind == "vllm":
         snapshot = out / "rollout_init"
         _hf_module(policy).save_pretrained(snapshot)
         tokenizer.save_pretrained(snapshot)

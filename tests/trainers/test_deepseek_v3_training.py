@@ -1,0 +1,72 @@
+"""posttrain's own DeepSeek-V3 through the trainers: packed SFT with native MTP and expert-bias balancing, and
+GRPO whose rollouts come from absorbed-MLA decoding over the latent cache and agree with the trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.config import GRPORecipe, SFTRecipe, load_recipe
+from posttrain.model import DeepseekV3ForCausalLM
+from posttrain.trainers.grpo import train_grpo
+from posttrain.trainers.sft import train_sft
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory, repo_root) -> Path:
+    tmp = tmp_path_factory.mktemp("dsv3")
+    lines = (repo_root / "data/arith/sft.jsonl").read_text().splitlines()[:48]
+    (tmp / "train.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = yaml.safe_load((repo_root / "recipes/sft_deepseek_v3_tiny.yaml").read_text())
+    recipe["model"]["from_config"] = str(repo_root / recipe["model"]["from_config"])
+    recipe["model"]["tokenizer"] = str(repo_root / recipe["model"]["tokenizer"])
+    recipe["data"]["train"] = str(tmp / "train.jsonl")
+    recipe["packing"]["capacity"] = 512
+    recipe["train"].update(max_steps=16, micro_batch_size=1, grad_accum=2)
+    recipe["logging"] = {"tensorboard": False, "progress": False}
+    recipe["output_dir"] = str(tmp / "sft")
+    path = tmp / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return train_sft(load_recipe(path, SFTRecipe))
+
+
+@pytest.mark.slow
+def test_sft_with_native_mtp_learns_and_balances_experts(sft_model):
+    rows = metrics(sft_model.parent)
+    assert len(rows) == 16
+    assert all("mtp_loss" in r and "moe/max_over_mean_load" in r for r in rows)
+    first, last = rows[0], rows[-1]
+    assert last["main_loss"] < 0.7 * first["main_loss"] and last["mtp_loss"] < 0.8 * first["mtp_loss"]
+    model = DeepseekV3ForCausalLM.from_pretrained(sft_model)
+    assert len(model.model.mtp_layers) == 1  # the MTP module is saved as layer num_hidden_layers
+    biases = [m.e_score_correction_bias for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    assert biases and any(float(b.abs().max()) > 0 for b in biases)  # the balancing bias moved
+
+
+@pytest.mark.slow
+def test_grpo_rollouts_from_the_latent_cache_agree_with_the_trainer(sft_model, tmp_path, repo_root):
+    recipe = {
+        "model": {"path": str(sft_model), "implementation": "posttrain"},
+        "data": {"train": str(repo_root / "data/arith/rl.jsonl")},
+        "generation": {"max_tokens": 16, "stop": ["<|im_end|>"]},
+        "rewards": {"functions": [{"name": "math_accuracy"}, {"name": "tag_count", "weight": 0.5}], "workers": 1},
+        "grpo": {"prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 8},
+        "train": {"max_steps": 2, "lr": 1e-4, "min_lr": 1e-4},
+        "logging": {"tensorboard": False, "progress": False},
+        "output_dir": str(tmp_path / "grpo"),
+    }
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    train_grpo(load_recipe(path, GRPORecipe))
+    rows = [r for r in metrics(tmp_path / "grpo") if "loss" in r]
+    assert len(rows) == 2
+    for row in rows:
+        # issue 10's bar: sampler and trainer agree within 1e-3 nats per token on DeepSeek-architecture policies
+        assert row["gap/max_abs"] < 1e-3, row["gap/max_abs"]
