@@ -56,7 +56,10 @@ def test_grpo_rollouts_from_the_latent_cache_agree_with_the_trainer(sft_model, t
         "model": {"path": str(sft_model), "implementation": "posttrain"},
         "data": {"train": str(repo_root / "data/arith/rl.jsonl")},
         "generation": {"max_tokens": 16, "stop": ["<|im_end|>"]},
-        "rewards": {"functions": [{"name": "math_accuracy"}, {"name": "tag_count", "weight": 0.5}], "workers": 1},
+        "rewards": {
+            "functions": [{"name": "math_accuracy"}, {"name": "tag_count", "weight": 0.5}],
+            "workers": 1,
+        },
         "grpo": {"prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 8},
         "train": {"max_steps": 2, "lr": 1e-4, "min_lr": 1e-4},
         "logging": {"tensorboard": False, "progress": False},

@@ -1,0 +1,362 @@
+"""Block-scaled FP8 linear layers, as DeepSeek-V3 trains and ships them (report §3.3).
+
+Quantisation. A tensor is cut into tiles and every tile gets its own float32 scale
+`s = amax(|tile|) / 448`, so the tile's largest element maps onto e4m3's largest finite value; the stored
+value is `q = e4m3(x / s)` (round to nearest even) and `x ≈ q * s`. Activations use 1×128 tiles along the
+reduction dimension K, weights 128×128 blocks. V3 checkpoints store a weight as `weight` (e4m3, [N, K]) plus
+`weight_scale_inv` (float32, [ceil(N/128), ceil(K/128)]): the multiplier that dequantises, `w = q * s`.
+
+GEMM. With A's scales per 1×128 tile and B's per 128×128 block, C = A Bᵀ splits into 128-deep products:
+
+    C[m, n] = Σ_k-blocks  sA[m, kb] · sB[n // 128, kb] · Σ_{k in kb} qA[m, k] · qB[n, k]
+
+The inner sum runs on FP8 tensor cores, the outer sum in float32 (the report's promotion every 128
+elements). `fp8_block_matmul` dispatches to the Triton kernel on CUDA and to a dequantise-then-float32-matmul
+reference elsewhere; both compute the same function up to float32 summation order.
+
+Training (report Fig. 6). `FP8Linear` keeps a master weight in bf16/fp32; all three GEMMs run in FP8:
+    forward  y  = x Wᵀ    x: 1×128 tiles along K,   W: 128×128 blocks
+    dgrad    dx = dy W    dy: 1×128 tiles along N,  W: the same blocks, transposed
+    wgrad    dW = dyᵀ x   dy and x: 128×1 tiles along the token dimension (the reduction of this GEMM)
+Embeddings, the output head, the MoE router, norms and attention stay in higher precision.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+# Smallest amax used for a scale: keeps `amax / 448` a normal float32 for an all-zero tile.
+AMAX_FLOOR = FP8_MAX * torch.finfo(torch.float32).tiny
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    if not all(t.is_cuda for t in tensors):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def quantize_blocks(
+    x: torch.Tensor, tile: tuple[int, int], transpose: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D tensor [R, C] to e4m3 with one float32 scale per `tile` (rows, cols).
+
+    Returns (q, scale): q [R, C] e4m3 and scale [ceil(R/tr), ceil(C/tc)] with x ≈ q * scale per tile.
+    Edge tiles are partial (as if zero-padded). With `transpose`, returns the same numbers laid out for xᵀ:
+    q [C, R] and scale [ceil(C/tc), ceil(R/tr)] — the layout the GEMM wants when R is its reduction dimension.
+    """
+    _check_2d("x", x)
+    if _use_triton(x):
+        from posttrain.model.kernels import quantize_tiles
+
+        q, scale, q_t, scale_t = quantize_tiles(x, tile, rows=not transpose, cols=transpose)
+        return (q_t, scale_t) if transpose else (q, scale)
+    rows, cols = x.shape
+    tile_r, tile_c = tile
+    n_row_blocks, n_col_blocks = math.ceil(rows / tile_r), math.ceil(cols / tile_c)
+    padded = F.pad(x.float(), (0, n_col_blocks * tile_c - cols, 0, n_row_blocks * tile_r - rows))
+    tiles = padded.view(n_row_blocks, tile_r, n_col_blocks, tile_c)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp_min(AMAX_FLOOR)
+    scale = amax / FP8_MAX
+    q = (tiles / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(n_row_blocks * tile_r, n_col_blocks * tile_c)[:rows, :cols]
+    scale = scale.view(n_row_blocks, n_col_blocks)
+    if transpose:
+        return q.t().contiguous(), scale.t().contiguous()
+    return q.contiguous(), scale
+
+
+def quantize_blocks_both_layouts(
+    x: torch.Tensor, tile: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_blocks(x, tile)` and its `transpose=True` twin from one pass over x: (q, scale, q_t, scale_t)."""
+    _check_2d("x", x)
+    if _use_triton(x):
+        from posttrain.model.kernels import quantize_tiles
+
+        return quantize_tiles(x, tile, rows=True, cols=True)
+    q, scale = quantize_blocks(x, tile)
+    return q, scale, q.t().contiguous(), scale.t().contiguous()
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `quantize_blocks`: float32 q * scale, each scale spread over its tile."""
+    _check_2d("q", q)
+    rows, cols = q.shape
+    expected = (math.ceil(rows / tile[0]), math.ceil(cols / tile[1]))
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"scale has shape {tuple(scale.shape)}, expected {expected} for q {tuple(q.shape)} and tile {tile}"
+        )
+    spread = scale.float().repeat_interleave(tile[0], dim=0)[:rows].repeat_interleave(tile[1], dim=1)
+    return q.float() * spread[:, :cols]
+
+
+def quantize_activation(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [..., K] e4m3, scale [..., ceil(K/block)] float32): one scale per 1×block tile."""
+    q, scale = quantize_blocks(x.reshape(-1, x.shape[-1]), (1, block))
+    return q.view(x.shape), scale.view(*x.shape[:-1], scale.shape[-1])
+
+
+def quantize_weight(
+    weight: torch.Tensor, block_size: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (weight e4m3 [N, K], weight_scale_inv [ceil(N/bn), ceil(K/bk)]), V3's checkpoint format."""
+    return quantize_blocks(weight, block_size)
+
+
+def dequantize_weight(
+    weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
+    """V3 checkpoint weight -> float32 [N, K]: w = weight * weight_scale_inv per block."""
+    return dequantize_blocks(weight, weight_scale_inv, block_size)
+
+
+def fp8_block_matmul(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_k: int = 128,
+) -> torch.Tensor:
+    """C [M, N] = dequant(A) @ dequant(B)ᵀ with float32 accumulation.
+
+    a_q [M, K] e4m3 with a_scale [M, ceil(K/block_k)] (1×block_k tiles); b_q [N, K] e4m3 with b_scale either
+    [ceil(N/block_k), ceil(K/block_k)] (square blocks: a weight) or [N, ceil(K/block_k)] (1×block_k tiles: an
+    activation, as in the weight-gradient GEMM). Triton on CUDA; elsewhere the reference below.
+    """
+    for name, t in (("a_q", a_q), ("a_scale", a_scale), ("b_q", b_q), ("b_scale", b_scale)):
+        _check_2d(name, t)
+    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE:
+        raise TypeError(f"a_q and b_q must be {FP8_DTYPE}, got {a_q.dtype} and {b_q.dtype}")
+    (m, k), n = a_q.shape, b_q.shape[0]
+    if b_q.shape[1] != k:
+        raise ValueError(f"a_q {tuple(a_q.shape)} and b_q {tuple(b_q.shape)} disagree on K")
+    k_blocks = math.ceil(k / block_k)
+    if tuple(a_scale.shape) != (m, k_blocks):
+        raise ValueError(f"a_scale has shape {tuple(a_scale.shape)}, expected {(m, k_blocks)}")
+    if tuple(b_scale.shape) == (n, k_blocks):
+        b_scale_rows = 1
+    elif tuple(b_scale.shape) == (math.ceil(n / block_k), k_blocks):
+        b_scale_rows = block_k
+    else:
+        raise ValueError(
+            f"b_scale has shape {tuple(b_scale.shape)}, expected {(n, k_blocks)} (per row) "
+            f"or {(math.ceil(n / block_k), k_blocks)} (per {block_k}×{block_k} block)"
+        )
+    if _use_triton(a_q, b_q):
+        from posttrain.model.kernels import fp8_block_gemm
+
+        return fp8_block_gemm(a_q, a_scale, b_q, b_scale, b_scale_rows, block_k, out_dtype)
+    a = dequantize_blocks(a_q, a_scale, (1, block_k))
+    b = dequantize_blocks(b_q, b_scale, (b_scale_rows, block_k))
+    return (a @ b.t()).to(out_dtype)
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """y = x Wᵀ with the forward, dgrad and wgrad GEMMs in block-scaled FP8 (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:  # noqa: ANN001
+        block = block_size[0]  # square blocks: the same tile width along K, N and tokens
+        need_grad_x, need_grad_w = ctx.needs_input_grad[:2]
+        x2 = x.reshape(-1, x.shape[-1])
+        x_q, x_scale = quantize_blocks(x2, (1, block))
+        w_t_q = w_t_scale = x_t_q = x_t_scale = None
+        if need_grad_x:  # dgrad reduces over N: it reads W's blocks transposed, written in the same pass
+            w_q, w_scale, w_t_q, w_t_scale = quantize_blocks_both_layouts(weight, (block, block))
+        else:
+            w_q, w_scale = quantize_blocks(weight, (block, block))
+        if need_grad_w:  # wgrad reduces over tokens: keep x in FP8 with 128-token tiles, not x itself
+            x_t_q, x_t_scale = quantize_blocks(x2, (block, 1), transpose=True)
+        y = fp8_block_matmul(x_q, x_scale, w_q, w_scale, x.dtype, block)
+        ctx.save_for_backward(x_t_q, x_t_scale, w_t_q, w_t_scale)
+        ctx.block, ctx.in_features, ctx.weight_dtype = block, x.shape[-1], weight.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # noqa: ANN001
+        x_t_q, x_t_scale, w_t_q, w_t_scale = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_scale = quantize_blocks(dy, (1, ctx.block))
+            grad_x = fp8_block_matmul(dy_q, dy_scale, w_t_q, w_t_scale, grad_out.dtype, ctx.block)
+            grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            dy_t_q, dy_t_scale = quantize_blocks(dy, (ctx.block, 1), transpose=True)
+            grad_w = fp8_block_matmul(dy_t_q, dy_t_scale, x_t_q, x_t_scale, ctx.weight_dtype, ctx.block)
+        return grad_x, grad_w, None
+
+
+class FP8Linear(nn.Module):
+    """A linear layer whose GEMMs run in block-scaled FP8 with float32 accumulation.
+
+    `dtype=torch.float8_e4m3fn`: inference on a V3 checkpoint — `weight` (e4m3, frozen) and `weight_scale_inv`
+    are loaded as stored. Any other dtype (bf16, fp32): training — `weight` is the master copy and is
+    quantised on the fly in every forward. Either kind loads either checkpoint format (see
+    `_load_from_state_dict`); `fp8_state_dict` writes the FP8 format.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        block_size: tuple[int, int] = (128, 128),
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size[0] != block_size[1]:
+            # Square blocks let dgrad reuse the forward's quantised weight, transposed (V3 uses 128×128).
+            raise ValueError(f"block_size must be square, got {block_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = tuple(block_size)
+        dtype = dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            requires_grad=dtype != FP8_DTYPE,
+        )
+        if self.is_fp8_storage:
+            scale_shape = (math.ceil(out_features / block_size[0]), math.ceil(in_features / block_size[1]))
+            self.register_buffer(
+                "weight_scale_inv", torch.ones(scale_shape, dtype=torch.float32, device=device)
+            )
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        bias_dtype = torch.get_default_dtype() if self.is_fp8_storage else dtype
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def is_fp8_storage(self) -> bool:
+        return self.weight.dtype == FP8_DTYPE
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: tuple[int, int] = (128, 128)) -> "FP8Linear":
+        """Wrap an nn.Linear; its weight (and bias) Parameters become the master weights, shared, not copied."""
+        layer = cls(
+            linear.in_features, linear.out_features, False, block_size, dtype=torch.float32, device="meta"
+        )
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_fp8_storage:
+            block = self.block_size[1]
+            x_q, x_scale = quantize_blocks(x.reshape(-1, self.in_features), (1, block))
+            y = fp8_block_matmul(x_q, x_scale, self.weight, self.weight_scale_inv, x.dtype, block)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = _FP8LinearFunction.apply(x, self.weight, self.block_size)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # Convert between the two formats so that a bf16 checkpoint loads into FP8 storage and a V3 FP8
+        # checkpoint (weight + weight_scale_inv) loads into master weights (fine-tuning a released model).
+        weight_key, scale_key = prefix + "weight", prefix + "weight_scale_inv"
+        weight = state_dict.get(weight_key)
+        if weight is not None:
+            if weight.dtype == FP8_DTYPE and not self.is_fp8_storage:
+                if scale_key not in state_dict:
+                    raise KeyError(f"{weight_key} is float8 but {scale_key} is missing from the checkpoint")
+                master = dequantize_weight(weight, state_dict.pop(scale_key), self.block_size)
+                state_dict[weight_key] = master.to(self.weight.dtype)
+            elif weight.dtype != FP8_DTYPE and self.is_fp8_storage:
+                state_dict[weight_key], state_dict[scale_key] = quantize_weight(weight, self.block_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "FP8Linear":
+        # Module.to(dtype) casts every floating tensor, e4m3 included: FP8 storage follows the device only.
+        if not self.is_fp8_storage:
+            return super()._apply(fn, recurse)
+        weight, scale = self.weight.data, self.weight_scale_inv
+        super()._apply(fn, recurse)
+        self.weight.data = weight.to(self.weight.device)
+        self.weight_scale_inv = scale.to(self.weight_scale_inv.device)
+        return self
+
+    def extra_repr(self) -> str:
+        kind = "fp8 storage" if self.is_fp8_storage else f"master {self.weight.dtype}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, {kind}"
+        )
+
+
+def default_fp8_filter(name: str, module: nn.Module) -> bool:
+    """V3's choice: every nn.Linear in FP8 except the output head and the MoE router (`...mlp.gate`);
+    embeddings and norms are not nn.Linear, named ones are skipped anyway."""
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        isinstance(module, nn.Linear)
+        and leaf not in {"lm_head", "gate"}
+        and "embed" not in leaf
+        and "norm" not in leaf
+    )
+
+
+def convert_to_fp8(
+    model: nn.Module,
+    filter_fn: Callable[[str, nn.Module], bool] = default_fp8_filter,
+    block_size: tuple[int, int] = (128, 128),
+) -> list[str]:
+    """Replace the nn.Linear modules that `filter_fn(qualified_name, module)` selects by FP8Linear, in place,
+    keeping their Parameters as master weights. Returns the converted names."""
+    converted = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear) and filter_fn(name, child):
+                setattr(parent, child_name, FP8Linear.from_linear(child, block_size))
+                converted.append(name)
+    return converted
+
+
+def fp8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every FP8Linear weight in V3's checkpoint format under HF names:
+    `<name>.weight` (e4m3) and `<name>.weight_scale_inv` (float32 per block); everything else as is."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear) and not module.is_fp8_storage:
+            prefix = f"{name}." if name else ""
+            q, scale = quantize_weight(module.weight.detach(), module.block_size)
+            state[prefix + "weight"], state[prefix + "weight_scale_inv"] = q, scale
+    return state
+
+
+def dequantize_state_dict(
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+    block_size: tuple[int, int] = (128, 128),
+) -> dict[str, torch.Tensor]:
+    """Turn every `<name>.weight` (e4m3) + `<name>.weight_scale_inv` pair into a plain `dtype` weight, for
+    loading a V3 FP8 checkpoint into modules that are not FP8Linear (e.g. grouped expert weights)."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".weight_scale_inv"):
+            continue
+        scale_key = key + "_scale_inv"
+        if tensor.dtype == FP8_DTYPE:
+            if scale_key not in state:
+                raise KeyError(f"{key} is float8 but {scale_key} is missing")
+            tensor = dequantize_weight(tensor, state[scale_key], block_size).to(dtype)
+        out[key] = tensor
+    return out
