@@ -117,3 +117,20 @@ def test_grpo_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_po
     )
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_with_colocated_vllm_keeps_the_engine_on_the_trainers_weights(tmp_path, tiny_policy, repo_root):
+    """After every optimiser step the new weights are pushed into vLLM: if a sync were missed, the engine would
+    sample from stale weights and its log-probs would drift away from the trainer's (lr 1e-3 moves them by far
+    more than the 1e-3 bound below within one step)."""
+    pytest.importorskip("vllm")
+    path = write_recipe(tmp_path, tiny_policy, repo_root, "vllm")
+    recipe = load_recipe(path, GRPORecipe, ["generation.backend=vllm", "train.max_steps=3", "data.eval=[]"])
+    train_grpo(recipe)
+    steps = [r for r in rows(tmp_path / "vllm") if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert r["gap/max_abs"] < 1e-3, r
+    assert steps[-1]["grad_norm"] > 0
