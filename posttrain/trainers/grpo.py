@@ -156,10 +156,9 @@ def collect_rollouts(
             extra_completions = [c for group in more for c in group]
             extra_rewards, extra_per_function, extra_failures = score(runner, extra_rows, extra_completions)
             extra_keep, _ = zero_variance_groups(extra_rewards, g)
-            slots = [int(i) for i in torch.nonzero(~keep).flatten()][: len(extra)]
-            for slot, k in zip(slots, range(len(extra)), strict=False):
-                if not bool(extra_keep[k]):
-                    continue
+            slots = [int(i) for i in torch.nonzero(~keep).flatten()]
+            informative = [k for k in range(len(extra)) if bool(extra_keep[k])]
+            for slot, k in zip(slots, informative, strict=False):  # fill the first free slots in order
                 rows = list(range(slot * g, (slot + 1) * g))
                 new_rows = list(range(k * g, (k + 1) * g))
                 for r, nr in zip(rows, new_rows, strict=True):

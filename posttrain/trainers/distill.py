@@ -1,0 +1,282 @@
+"""Distillation into a small dense student (DeepSeek-R1 §2.4; DeepSeek-V3 §5.1): supervised fine-tuning on a
+teacher's accepted traces, optionally with logit distillation when teacher and student share a tokenizer.
+
+`posttrain distill RECIPE.yaml`:
+  1. the student is scored on held-out prompts with the recipe's rewards (greedy decoding): accuracy before;
+  2. without `kd`, the SFT trainer runs as it is on the traces (packing, sample masking, optional MTP);
+     with `kd`, the same packed steps add a divergence to the teacher's next-token distribution, computed on
+     the fly by a frozen teacher in no_grad next to the student:
+
+         L = (1 − α) · L_SFT + α · τ² · L_KD,   L_KD = 1/N Σ_{target tokens} D(p_T^τ ‖ p_S^τ)
+
+     with D = forward KL or generalized JSD(β) (posttrain.algorithms.distill) and N the step's target tokens,
+     so micro-batches and ranks add up to the full-batch loss (as in SFT); τ² keeps gradient scale (Hinton);
+  3. the trained student is scored again: accuracy after. Both land in `<output_dir>/eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate.utils import set_seed
+from pydantic import Field, model_validator
+
+from posttrain.algorithms.distill import distillation_loss
+from posttrain.algorithms.sft import mtp_combined_loss, token_cross_entropy_sum
+from posttrain.config import (
+    CheckpointSection,
+    DataSection,
+    GenerationSection,
+    LoggingSection,
+    ModelSection,
+    PackingSection,
+    RewardsSection,
+    Section,
+    SFTRecipe,
+    TrainSection,
+)
+from posttrain.data.packing import PackedDataset, plan_packs
+from posttrain.data.prompts import load_prompts
+from posttrain.data.sft import build_sft_samples
+from posttrain.generation.base import build_backend
+from posttrain.policy import Policy, build_policy, load_causal_lm, load_tokenizer
+from posttrain.report import write_report
+from posttrain.trainers.grpo import evaluate
+from posttrain.trainers.loop import (
+    Checkpointer,
+    Progress,
+    StepTimer,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    prepare_output_dir,
+)
+from posttrain.trainers.sft import (
+    _micro_batches,
+    _one_sample_per_row,
+    _targets,
+    mtp_depth_of,
+    step_pack_ids,
+    train_sft,
+)
+from rewards import RewardRunner, RewardSpec
+
+log = logging.getLogger(__name__)
+
+KD_REPORT_PANELS = ["loss", "sft_loss", "kd_loss", "lr", "tokens_per_s", "grad_norm"]
+
+
+class KDSection(Section):
+    """Logit distillation from a teacher that shares the student's tokenizer."""
+
+    teacher: ModelSection
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1, description="β of the generalized JSD")
+    temperature: float = Field(1.0, gt=0, description="τ applied to both teacher and student logits")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs the SFT loss")
+
+
+class DistillEvalSection(Section):
+    prompts: list[str] = Field([], description="held-out prompt files (prompt + reward columns)")
+    prompt_field: str = "prompt"
+    max_prompts: int | None = Field(None, gt=0)
+    accuracy_reward: str = Field("math_accuracy", description="the reward whose mean is reported as accuracy")
+
+
+class DistillRecipe(Section):
+    model: ModelSection = Field(..., description="the student")
+    data: DataSection = Field(..., description="train: trace run directories or SFT files")
+    packing: PackingSection = PackingSection()
+    train: TrainSection = TrainSection()
+    kd: KDSection | None = None
+    generation: GenerationSection = GenerationSection(temperature=0.0)
+    rewards: RewardsSection | None = None
+    eval: DistillEvalSection = DistillEvalSection()
+    logging: LoggingSection = LoggingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output_dir: str
+
+    @model_validator(mode="after")
+    def _eval_needs_rewards(self) -> DistillRecipe:
+        if self.eval.prompts and self.rewards is None:
+            raise ValueError("eval.prompts are scored with `rewards`: add a rewards section")
+        return self
+
+
+def trace_sources(sources: list[str]) -> list[str]:
+    """Data sources with every trace run directory replaced by its accepted shards."""
+    from posttrain.traces.pipeline import accepted_files
+
+    expanded: list[str] = []
+    for source in sources:
+        is_trace_run = Path(source).is_dir() and (Path(source) / "ledger.jsonl").exists()
+        expanded.extend(accepted_files(source) if is_trace_run else [source])
+    return expanded
+
+
+def sft_recipe(recipe: DistillRecipe) -> SFTRecipe:
+    data = recipe.data.model_copy(update={"train": trace_sources(recipe.data.train)})
+    return SFTRecipe(
+        model=recipe.model,
+        data=data,
+        packing=recipe.packing,
+        train=recipe.train,
+        logging=recipe.logging,
+        checkpoint=recipe.checkpoint,
+        output_dir=recipe.output_dir,
+    )
+
+
+def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, recipe: DistillRecipe) -> dict:
+    """Greedy decoding on the held-out prompts, scored by the recipe's rewards (the GRPO evaluation)."""
+    prompts = load_prompts(recipe.eval.prompts, tokenizer, recipe.eval.prompt_field)
+    if recipe.eval.max_prompts:
+        prompts = prompts.select(list(range(min(recipe.eval.max_prompts, len(prompts)))))
+    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in recipe.rewards.functions]
+    backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    with RewardRunner(specs, workers=recipe.rewards.workers, timeout_s=recipe.rewards.timeout_s) as runner:
+        return {**evaluate(backend, runner, prompts, recipe), "eval/prompts": len(prompts)}
+
+
+def train_distill(recipe: DistillRecipe, resume: bool = False) -> Path:
+    """Evaluate, train (SFT, or SFT + logit distillation), evaluate again; returns the saved student."""
+    out = Path(recipe.output_dir)
+    sft = sft_recipe(recipe)
+    results_path = out / "eval.json"
+    results = json.loads(results_path.read_text()) if resume and results_path.exists() else {}
+    if recipe.eval.prompts and "before" not in results:
+        set_seed(recipe.train.seed)  # the initial weights train_sft starts from, for a randomly built student
+        results["before"] = evaluate_student(
+            load_causal_lm(recipe.model), load_tokenizer(recipe.model), recipe
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2))
+        log.info("held-out before distillation: %s", results["before"])
+    model_dir = train_sft(sft, resume) if recipe.kd is None else train_with_kd(sft, recipe.kd, resume)
+    if recipe.eval.prompts:
+        results["after"] = evaluate_student(str(model_dir), load_tokenizer(recipe.model), recipe)
+        results_path.write_text(json.dumps(results, indent=2))
+        log.info("held-out after distillation: %s", results["after"])
+    return model_dir
+
+
+def check_same_tokenizer(student: ModelSection, teacher: ModelSection) -> None:
+    student_vocab = load_tokenizer(student).get_vocab()
+    if load_tokenizer(teacher).get_vocab() != student_vocab:
+        raise ValueError(
+            "kd.teacher's tokenizer differs from the student's: logit distillation compares distributions "
+            "over the same token ids; use SFT on the traces alone (remove `kd`)"
+        )
+
+
+def train_with_kd(recipe: SFTRecipe, kd: KDSection, resume: bool = False) -> Path:
+    """The SFT trainer's packed steps (its data, schedule, checkpoints and resume) plus the KD term."""
+    check_same_tokenizer(recipe.model, kd.teacher)
+    accelerator = make_accelerator(recipe.train)
+    out = prepare_output_dir(recipe.output_dir, recipe, accelerator, resume)
+    tokenizer = load_tokenizer(recipe.model)
+    with accelerator.main_process_first():
+        samples, _ = build_sft_samples(recipe.data, tokenizer, cache_dir=recipe.data.cache_dir)
+    capacity = recipe.pack_capacity if recipe.packing.enabled else recipe.data.max_seq_len
+    plan = (
+        plan_packs(samples.lengths, capacity)
+        if recipe.packing.enabled
+        else _one_sample_per_row(samples, capacity)
+    )
+    dataset = PackedDataset(samples, plan, pad_id=tokenizer.pad_token_id)
+
+    policy = build_policy(recipe.model)
+    mtp_depth = mtp_depth_of(policy, recipe)
+    teacher = Policy(load_causal_lm(kd.teacher)).eval().requires_grad_(False).to(accelerator.device)
+    train = recipe.train
+    per_step = train.micro_batch_size * train.grad_accum
+    global_batch = per_step * accelerator.num_processes
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(plan.n_bins / global_batch)))
+    optimizer = make_optimizer(list(policy.parameters()), train)
+    scheduler = make_scheduler(optimizer, train, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    checkpointer = Checkpointer(accelerator, out, recipe.checkpoint)
+    start_step = 0
+    if resume and (state := checkpointer.restore_latest()):
+        start_step = state["step"]
+    progress = Progress(accelerator, out, recipe.logging, total_steps, start_step)
+    timer = StepTimer()
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    for step in range(start_step, total_steps):
+        ids = step_pack_ids(step, plan.n_bins, global_batch, train.seed)
+        batches = _micro_batches(
+            dataset, ids[rank * per_step : (rank + 1) * per_step], train.micro_batch_size, accelerator.device
+        )
+        targets = [_targets(b, mtp_depth) for b in batches]
+        counts = torch.stack([torch.stack([(t != -100).sum() for t in ts]) for ts in targets]).sum(0)
+        global_counts = accelerator.reduce(counts, reduction="sum")
+        sums = torch.zeros(
+            3, device=accelerator.device
+        )  # loss, SFT loss, KD loss: shares of the step's means
+        model.train()
+        for i, (batch, batch_targets) in enumerate(zip(batches, targets, strict=True)):
+            sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                student = model(batch["input_ids"], batch["position_ids"], with_mtp=mtp_depth > 0)
+                ce = [token_cross_entropy_sum(student.logits, batch_targets[0])[0]]
+                ce += [
+                    token_cross_entropy_sum(lg, t[:, : lg.shape[1]])[0]
+                    for lg, t in zip(student.mtp_logits, batch_targets[1:])
+                ]
+                sft_loss = mtp_combined_loss(
+                    ce[0], global_counts[0], ce[1:], list(global_counts[1:]), recipe.model.mtp.weight
+                )
+                with torch.no_grad():
+                    teacher_logits = teacher(batch["input_ids"], batch["position_ids"]).logits
+                kd_loss = distillation_loss(
+                    student.logits,
+                    batch_targets[0] != -100,
+                    teacher_logits=teacher_logits,
+                    divergence=kd.divergence,
+                    beta=kd.beta,
+                    temperature=kd.temperature,
+                    num_tokens_global=global_counts[0],
+                )
+                loss = (1 - kd.alpha) * sft_loss + kd.alpha * kd.temperature**2 * kd_loss
+                accelerator.backward(loss * world)  # DDP averages over ranks; the loss is a global mean
+            sums += torch.stack([loss.detach(), sft_loss.detach(), kd_loss.detach()]).float()
+        grad_norm = None
+        if train.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        means = accelerator.reduce(sums, reduction="sum")
+        tokens = sum(int(b["loss_mask"].numel()) for b in batches) * world
+        values = {
+            "loss": float(means[0]),
+            "sft_loss": float(means[1]),
+            "kd_loss": float(means[2]),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / timer.lap(),
+        }
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        progress.step(done, values, {"loss": f"{values['loss']:.4f}", "kd": f"{values['kd_loss']:.4f}"})
+        if checkpointer.due(done, total_steps):
+            checkpointer.save(done, {})
+    progress.close()
+
+    model_dir = out / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        write_report(out, KD_REPORT_PANELS, title=f"Distillation — {recipe.output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return model_dir
