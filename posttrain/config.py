@@ -95,7 +95,9 @@ class DataSection(DataSources):
     max_seq_len: int = Field(2048, gt=1)
     overlong: Literal["truncate", "drop"] = "truncate"
     num_proc: int = Field(1, ge=1, description="processes for tokenisation")
-    cache_dir: str | None = Field(None, description="tokenisation cache; defaults to <output_dir>/cache")
+    cache_dir: str | None = Field(
+        None, description="tokenisation cache; default: the `datasets` cache directory"
+    )
 
 
 class PackingSection(Section):

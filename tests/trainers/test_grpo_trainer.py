@@ -44,7 +44,7 @@ def write_recipe(tmp_path: Path, policy: str, repo_root: Path, name: str, **grpo
             "functions": [
                 {"name": "math_accuracy", "weight": 1.0},
                 # a user's reward, named by import path, never registered in the library
-                {"name": "rewards.format:repetition_penalty", "weight": 0.5, "kwargs": {"ngram": 1}},
+                {"name": "tests.trainers.custom_rewards:text_length_parity", "weight": 0.5},
             ],
             "workers": 2,
         },
@@ -75,7 +75,7 @@ def test_grpo_run_logs_rewards_gap_and_kl_and_writes_a_report(tmp_path, tiny_pol
     for r in steps:
         for key in (
             "reward/math_accuracy",
-            "reward/rewards.format:repetition_penalty",
+            "reward/tests.trainers.custom_rewards:text_length_parity",
             "kl",
             "entropy",
             "gap/mean_abs",
@@ -84,7 +84,7 @@ def test_grpo_run_logs_rewards_gap_and_kl_and_writes_a_report(tmp_path, tiny_pol
         # the transformers backend samples from the trainer's own module: the rollout gap is numerical noise
         assert r["gap/max_abs"] < 1e-4
         assert r["completion_length/max"] <= 12
-    assert steps[0]["kl"] < 1e-6 < steps[-1]["kl"]  # the policy leaves the reference as it trains
+    assert steps[-1]["kl"] > 1e-6  # the policy leaves the reference as it trains
     assert min(r["frac_zero_variance_groups"] for r in steps) < 1  # so there was something to learn
     assert (model_dir.parent / "report.png").exists()
     assert (model_dir / "model.safetensors").exists()
@@ -133,4 +133,4 @@ def test_grpo_with_colocated_vllm_keeps_the_engine_on_the_trainers_weights(tmp_p
     assert len(steps) == 3
     for r in steps:
         assert r["gap/max_abs"] < 1e-3, r
-    assert steps[-1]["grad_norm"] > 0
+    assert all(r["grad_norm"] > 0 for r in steps)  # the weights moved every step, and vLLM followed
