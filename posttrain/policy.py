@@ -88,15 +88,25 @@ class Policy(nn.Module):
         return 0
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, with_mtp: bool = False
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        with_mtp: bool = False,
+        logits_from: int = 0,
     ) -> LMOutput:
+        """Logits for positions `logits_from`.. of each row (all by default): scoring completions needs only
+        their own positions, and at a real vocabulary the rest of [B, L, V] is most of the memory."""
         if self.is_posttrain_model:
             out = self.model(input_ids, position_ids=position_ids, return_mtp=with_mtp)
             mtp_logits = list(out.mtp_logits or []) if with_mtp else []
-            return LMOutput(out.logits, mtp_logits, out.aux_loss)
+            return LMOutput(out.logits[:, logits_from:], mtp_logits, out.aux_loss)
         want_hidden = with_mtp and self.mtp_heads is not None
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=want_hidden
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=want_hidden,
+            logits_to_keep=input_ids.shape[1] - logits_from,
         )
         if not want_hidden:
             return LMOutput(out.logits)

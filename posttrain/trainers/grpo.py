@@ -214,12 +214,15 @@ def completion_logprobs(
     prompt_lens = tensors["prompt_lens"][rows]
     t_max = tensors["completion_mask"].shape[1]
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    logits = model(ids, positions).logits
     # Position p predicts token p + 1: completion token t sits at prompt_len + t, predicted at prompt_len + t − 1.
     index = (prompt_lens[:, None] - 1 + torch.arange(t_max, device=ids.device)[None, :]).clamp(
         max=ids.shape[1] - 2
     )
-    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    first = int(prompt_lens.min()) - 1  # logits only from the first position that predicts a completion token
+    logits = model(ids, positions, logits_from=first).logits
+    picked = (
+        logits.gather(1, (index - first)[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    )
     log_probs = F.log_softmax(picked, dim=-1)
     targets = ids.gather(1, (index + 1).clamp(max=ids.shape[1] - 1))
     token_logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
