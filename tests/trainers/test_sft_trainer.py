@@ -145,3 +145,20 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
         json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(1, 41))
+
+
+def test_lora_switch_trains_adapters_only_and_saves_adapter_and_merged_model(tmp_path, small_data, repo_root):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = write_recipe(tmp_path, small_data, repo_root, "lora", max_steps=3, micro_batch_size=2)
+    recipe = load_recipe(path, SFTRecipe, ["model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"])
+    model_dir = train_sft(recipe)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_config(merged.config)
+    with_adapter = PeftModel.from_pretrained(base, model_dir / "adapter")
+    adapter_keys = [k for k in with_adapter.state_dict() if "lora_" in k]
+    assert adapter_keys and all(("q_proj" in k) or ("v_proj" in k) for k in adapter_keys)
+    # lora_B starts at zero: non-zero values mean the adapters, and only they, were trained
+    assert any(float(v.abs().max()) > 0 for k, v in with_adapter.state_dict().items() if "lora_B" in k)
+    assert losses(model_dir.parent)[-1] < losses(model_dir.parent)[0]
