@@ -36,6 +36,23 @@ def _grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _traces(args: argparse.Namespace) -> int:
+    from posttrain.traces import run_traces
+    from posttrain.traces.config import TracesRecipe
+
+    recipe = load_recipe(args.recipe, TracesRecipe, args.overrides)
+    print(f"traces written to {run_traces(recipe, resume=args.resume)}")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from posttrain.trainers.distill import DistillRecipe, train_distill
+
+    recipe = load_recipe(args.recipe, DistillRecipe, args.overrides)
+    print(f"student written to {train_distill(recipe, resume=args.resume)}")
+    return 0
+
+
 def _eval_rewards(args: argparse.Namespace) -> int:
     from pydantic import BaseModel, ConfigDict
 
@@ -86,6 +103,19 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
         "dynamic_sampling, loss: {epsilon, epsilon_high, beta, loss_type, scale_rewards, ...}), train, eval, "
         "logging, checkpoint, output_dir.",
         _grpo,
+    ),
+    "traces": (
+        "R1-style trace generation: sample N, score, accept, filter, write shards (resumable)",
+        "Sections: teacher model and generation backend (hf | vllm | openai), data (prompts + reward columns), "
+        "rewards, acceptance (all correct up to k, or best-of-N), filters (max length, format, language, "
+        "repetition, overthinking), output. Kill it at any moment; --resume continues with no duplicate.",
+        _traces,
+    ),
+    "distill": (
+        "train a small dense student on accepted traces (SFT), optionally with logit distillation",
+        "The SFT sections plus the trace run(s) to learn from, a kd section (teacher, divergence forward_kl | "
+        "reverse_kl | jsd, beta, temperature, weight) and a held-out evaluation with the same rewards.",
+        _distill,
     ),
     "eval-rewards": (
         "score a reward model or a generative judge on RewardBench-format pairs",

@@ -95,7 +95,9 @@ def test_cli_reports_recipe_errors_without_a_traceback(recipe_file):
     assert "train.lr" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["sft"], ["grpo"], ["quickstart"]])
+@pytest.mark.parametrize(
+    "command", [[], ["sft"], ["grpo"], ["traces"], ["distill"], ["eval-rewards"], ["quickstart"]]
+)
 def test_help_describes_each_command(command):
     result = subprocess.run(
         [sys.executable, "-m", "posttrain.cli", *command, "--help"], capture_output=True, text=True

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import Field, model_validator
+from transformers import AutoModelForCausalLM
 
 from posttrain.algorithms.distill import distillation_loss
 from posttrain.algorithms.sft import mtp_combined_loss, token_cross_entropy_sum
@@ -135,6 +137,9 @@ def sft_recipe(recipe: DistillRecipe) -> SFTRecipe:
 
 def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, recipe: DistillRecipe) -> dict:
     """Greedy decoding on the held-out prompts, scored by the recipe's rewards (the GRPO evaluation)."""
+    if isinstance(model, str | Path):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     prompts = load_prompts(recipe.eval.prompts, tokenizer, recipe.eval.prompt_field)
     if recipe.eval.max_prompts:
         prompts = prompts.select(list(range(min(recipe.eval.max_prompts, len(prompts)))))
@@ -150,7 +155,8 @@ def train_distill(recipe: DistillRecipe, resume: bool = False) -> Path:
     sft = sft_recipe(recipe)
     results_path = out / "eval.json"
     results = json.loads(results_path.read_text()) if resume and results_path.exists() else {}
-    if recipe.eval.prompts and "before" not in results:
+    evaluating = bool(recipe.eval.prompts) and PartialState().is_main_process  # one process evaluates
+    if evaluating and "before" not in results:
         set_seed(recipe.train.seed)  # the initial weights train_sft starts from, for a randomly built student
         results["before"] = evaluate_student(
             load_causal_lm(recipe.model), load_tokenizer(recipe.model), recipe
@@ -159,7 +165,7 @@ def train_distill(recipe: DistillRecipe, resume: bool = False) -> Path:
         results_path.write_text(json.dumps(results, indent=2))
         log.info("held-out before distillation: %s", results["before"])
     model_dir = train_sft(sft, resume) if recipe.kd is None else train_with_kd(sft, recipe.kd, resume)
-    if recipe.eval.prompts:
+    if evaluating:
         results["after"] = evaluate_student(str(model_dir), load_tokenizer(recipe.model), recipe)
         results_path.write_text(json.dumps(results, indent=2))
         log.info("held-out after distillation: %s", results["after"])

@@ -55,6 +55,7 @@ def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_forward_kl_distillation_runs_and_the_kd_loss_falls(tmp_path, repo_root, small_data, teacher_dir):
     model_dir = train_distill(recipe(tmp_path, repo_root, small_data, teacher_dir, alpha=1.0))
     rows = metrics(model_dir.parent)
@@ -67,6 +68,7 @@ def test_forward_kl_distillation_runs_and_the_kd_loss_falls(tmp_path, repo_root,
     assert (model_dir.parent / "report.png").exists()
 
 
+@pytest.mark.slow
 def test_jsd_distillation_mixes_with_the_sft_loss(tmp_path, repo_root, small_data, teacher_dir):
     model_dir = train_distill(
         recipe(
