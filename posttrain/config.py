@@ -53,6 +53,10 @@ class ModelSection(Section):
         description="auto: posttrain's own DeepSeek-V3 modules for deepseek_v3 configs, else transformers",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "varlen", "flex_attention"] = Field(
+        "auto",
+        description="transformers models: auto = varlen (per-sample kernels, no dense mask) on CUDA, sdpa on CPU",
+    )
     lora: LoraSection | None = None
     mtp: MTPSection = MTPSection()
     expert_bias_update: float = Field(
@@ -119,6 +123,12 @@ class TrainSection(Section):
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    loss_chunk_size: int | None = Field(
+        4096,
+        gt=0,
+        description="rows per chunk of the fused head + loss (no [tokens, vocab] logits); None: plain",
+    )
+    compile_blocks: bool = Field(False, description="torch.compile each decoder block (transformers models)")
 
     @model_validator(mode="after")
     def _lr_range(self) -> TrainSection:
@@ -216,10 +226,17 @@ class GRPOSection(Section):
         return self
 
 
-class EvalSection(Section):
+class AccuracyEvalSection(Section):
+    """How held-out accuracy is measured: greedy, or pass@1 averaged over samples (as R1 reports it)."""
+
+    accuracy_reward: str = Field("math_accuracy", description="the reward whose mean is reported as accuracy")
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding; > 0: sample at this temperature")
+    samples: int = Field(1, gt=0, description="samples per prompt when temperature > 0")
+
+
+class EvalSection(AccuracyEvalSection):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after training)")
     max_prompts: int | None = Field(None, gt=0)
-    accuracy_reward: str = Field("math_accuracy", description="the reward whose mean is reported as accuracy")
 
 
 class GRPORecipe(Section):

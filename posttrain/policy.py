@@ -52,17 +52,34 @@ def load_causal_lm(cfg: ModelSection) -> nn.Module:
         if config_dict is not None:
             return DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(config_dict)).to(dtype)
         return DeepseekV3ForCausalLM.from_pretrained(cfg.path).to(dtype)
+    attn = _attention_implementation(cfg.attn_implementation)
     if config_dict is not None:
         config = AutoConfig.for_model(**config_dict)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
+
+
+def _attention_implementation(name: str) -> str:
+    """Packed rows need per-sample attention: varlen kernels on CUDA (measured fastest on the H100, see
+    BENCHMARKS.md), transformers' SDPA with its packed-sequence mask on CPU."""
+    if name == "auto":
+        name = "varlen" if torch.cuda.is_available() else "sdpa"
+    if name == "varlen":
+        from posttrain.fast.attention import register_varlen_attention
+
+        return register_varlen_attention()
+    return name
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     aux_loss: torch.Tensor | None = None  # DeepSeekMoE's optional sequence-wise balance loss
+    hidden: torch.Tensor | None = (
+        None  # final-norm output, with `hidden_only` (logits = hidden @ head_weightᵀ)
+    )
+    head_weight: torch.Tensor | None = None
 
 
 class Policy(nn.Module):
@@ -93,24 +110,43 @@ class Policy(nn.Module):
         position_ids: torch.Tensor,
         with_mtp: bool = False,
         logits_from: int = 0,
+        hidden_only: bool = False,
     ) -> LMOutput:
         """Logits for positions `logits_from`.. of each row (all by default): scoring completions needs only
-        their own positions, and at a real vocabulary the rest of [B, L, V] is most of the memory."""
+        their own positions. `hidden_only` returns the final hidden states and the head's weight instead, for
+        losses that never build the [tokens, vocab] logits (posttrain.fast.chunked_loss)."""
         if self.is_posttrain_model:
             out = self.model(input_ids, position_ids=position_ids, return_mtp=with_mtp)
             mtp_logits = list(out.mtp_logits or []) if with_mtp else []
+            if hidden_only:
+                return LMOutput(None, mtp_logits, out.aux_loss, out.hidden_states, self.model.lm_head.weight)
             return LMOutput(out.logits[:, logits_from:], mtp_logits, out.aux_loss)
-        want_hidden = with_mtp and self.mtp_heads is not None
+        attention = self._packed_attention_kwargs(position_ids)
+        want_mtp = with_mtp and self.mtp_heads is not None
+        if hidden_only:
+            from posttrain.fast.backbone import hidden_states_and_head
+
+            hidden, weight = hidden_states_and_head(self.model, input_ids, position_ids, **attention)
+            mtp_logits = self.mtp_heads(hidden, input_ids, position_ids) if want_mtp else []
+            return LMOutput(None, mtp_logits, hidden=hidden, head_weight=weight)
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
             use_cache=False,
-            output_hidden_states=want_hidden,
+            output_hidden_states=want_mtp,
             logits_to_keep=input_ids.shape[1] - logits_from,
+            **attention,
         )
-        if not want_hidden:
+        if not want_mtp:
             return LMOutput(out.logits)
         return LMOutput(out.logits, self.mtp_heads(out.hidden_states[-1], input_ids, position_ids))
+
+    def _packed_attention_kwargs(self, position_ids: torch.Tensor) -> dict:
+        from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs
+
+        if getattr(self.model.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+            return packed_attention_kwargs(position_ids)
+        return {}
 
     def save_pretrained(self, directory: str | Path) -> None:
         """An HF-format model that transformers (or posttrain) loads; attached MTP heads saved beside it."""

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.algorithms.distill import distillation_loss
 from posttrain.algorithms.sft import mtp_combined_loss, token_cross_entropy_sum
 from posttrain.config import (
+    AccuracyEvalSection,
     CheckpointSection,
     DataSection,
     GenerationSection,
@@ -84,11 +85,10 @@ class KDSection(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs the SFT loss")
 
 
-class DistillEvalSection(Section):
+class DistillEvalSection(AccuracyEvalSection):
     prompts: list[str] = Field([], description="held-out prompt files (prompt + reward columns)")
     prompt_field: str = "prompt"
     max_prompts: int | None = Field(None, gt=0)
-    accuracy_reward: str = Field("math_accuracy", description="the reward whose mean is reported as accuracy")
 
 
 class DistillRecipe(Section):

@@ -35,6 +35,7 @@ from posttrain.algorithms.grpo import (
 )
 from posttrain.config import GenerationSection, GRPORecipe
 from posttrain.data.prompts import PromptSet, load_prompts
+from posttrain.fast.chunked_loss import chunked_token_logprobs
 from posttrain.generation.base import Backend, Completion, SamplingParams, build_backend
 from posttrain.policy import Policy, build_policy, load_tokenizer
 from posttrain.report import write_report
@@ -203,12 +204,17 @@ def completion_tensors(batch: RolloutBatch, pad_id: int, device: torch.device) -
 
 
 def completion_logprobs(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor], rows: slice, temperature: float
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    rows: slice,
+    temperature: float,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(z_t / T)[y_t] of every completion token, [b, T_max], and the per-token entropy.
 
     The same definition as every generation backend (posttrain.generation.base), so the trainer's π_old and the
-    sampler's log-probs are directly comparable.
+    sampler's log-probs are directly comparable. With `chunk_size` the output head and the log-softmax run per
+    chunk of completion positions (posttrain.fast.chunked_loss): no [b, T, vocab] logits are kept.
     """
     ids = tensors["input_ids"][rows]
     prompt_lens = tensors["prompt_lens"][rows]
@@ -218,13 +224,20 @@ def completion_logprobs(
     index = (prompt_lens[:, None] - 1 + torch.arange(t_max, device=ids.device)[None, :]).clamp(
         max=ids.shape[1] - 2
     )
+    targets = ids.gather(1, index + 1)
+    if chunk_size:
+        out = model(ids, positions, hidden_only=True)
+        hidden = out.hidden.gather(1, index[..., None].expand(-1, -1, out.hidden.shape[-1]))
+        logps, entropy = chunked_token_logprobs(
+            hidden.flatten(0, 1), out.head_weight, targets.flatten(), temperature, chunk_size
+        )
+        return logps.view_as(targets), entropy.view_as(targets)
     first = int(prompt_lens.min()) - 1  # logits only from the first position that predicts a completion token
     logits = model(ids, positions, logits_from=first).logits
     picked = (
         logits.gather(1, (index - first)[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
     )
     log_probs = F.log_softmax(picked, dim=-1)
-    targets = ids.gather(1, (index + 1).clamp(max=ids.shape[1] - 1))
     token_logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return token_logps, entropy
@@ -235,22 +248,28 @@ def _micro_slices(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def frozen_logprobs(model: torch.nn.Module, tensors: dict, size: int, temperature: float) -> torch.Tensor:
+def frozen_logprobs(
+    model: torch.nn.Module, tensors: dict, size: int, temperature: float, chunk_size: int | None = None
+) -> torch.Tensor:
     parts = [
-        completion_logprobs(model, tensors, rows, temperature)[0]
+        completion_logprobs(model, tensors, rows, temperature, chunk_size)[0]
         for rows in _micro_slices(len(tensors["input_ids"]), size)
     ]
     return torch.cat(parts)
 
 
 def evaluate(backend: Backend, runner: Any, prompts: PromptSet, recipe: GRPORecipe) -> dict[str, float]:
-    """Greedy decoding on held-out prompts, scored by the recipe's rewards."""
-    groups = backend.generate(prompts.prompt_ids, sampling_params(recipe.generation, 1, 0, greedy=True))
-    completions = [group[0] for group in groups]
-    rewards, per_function, _ = score(runner, prompts, completions)
-    metric = recipe.eval.accuracy_reward
-    values = per_function.get(metric)
+    """Held-out accuracy: greedy, or pass@1 averaged over `eval.samples` samples at `eval.temperature`."""
+    cfg = recipe.eval
+    greedy = cfg.temperature == 0
+    params = sampling_params(recipe.generation, 1 if greedy else cfg.samples, seed=0, greedy=greedy)
+    if not greedy:
+        params.temperature = cfg.temperature
+    groups = backend.generate(prompts.prompt_ids, params)
+    rows = prompts.select([i for i, group in enumerate(groups) for _ in group])
+    rewards, per_function, _ = score(runner, rows, [c for group in groups for c in group])
     result = {"eval/reward": float(np.nanmean(rewards.numpy())) if len(rewards) else float("nan")}
+    values = per_function.get(cfg.accuracy_reward)
     if values is not None:
         result["eval/accuracy"] = float(np.mean([1.0 if (v or 0) > 0.5 else 0.0 for v in values]))
     return result
@@ -292,6 +311,7 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         1, math.ceil(recipe.train.epochs * len(prompts) / grpo.prompts_per_step)
     )
     temperature = recipe.generation.temperature or 1.0
+    chunk = recipe.train.loss_chunk_size
 
     policy = build_policy(recipe.model)
     reference = _make_reference(policy, loss_cfg.beta)
@@ -336,14 +356,16 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         needs_old = grpo.num_iterations > 1 or loss_cfg.off_policy_mask_threshold is not None
         with accelerator.autocast():
             old_logps = (
-                frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature) if needs_old else None
+                frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature, chunk)
+                if needs_old
+                else None
             )
             ref_logps = None
             if reference is not None:
-                ref_logps = frozen_logprobs(reference, tensors, grpo.micro_batch_size, temperature)
+                ref_logps = frozen_logprobs(reference, tensors, grpo.micro_batch_size, temperature, chunk)
             elif loss_cfg.beta > 0:  # LoRA: the base model is the policy with its adapters switched off
                 with unwrapped.model.disable_adapter():
-                    ref_logps = frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature)
+                    ref_logps = frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature, chunk)
         mask, _ = loss_token_mask(
             tensors["completion_mask"],
             loss_cfg,
@@ -365,7 +387,7 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
             for j, rows in enumerate(slices):
                 sync = nullcontext() if j == len(slices) - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
-                    logps, entropy = completion_logprobs(model, tensors, rows, temperature)
+                    logps, entropy = completion_logprobs(model, tensors, rows, temperature, chunk)
                     loss, metrics = grpo_loss(
                         logps,
                         advantages[rows],

@@ -24,6 +24,7 @@ from posttrain.algorithms.sft import mtp_combined_loss, shifted_targets, token_c
 from posttrain.config import SFTRecipe
 from posttrain.data.packing import PackedDataset, plan_packs
 from posttrain.data.sft import build_sft_samples
+from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum
 from posttrain.policy import Policy, build_policy, load_tokenizer
 from posttrain.report import write_report
 from posttrain.trainers.loop import (
@@ -111,6 +112,10 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
     policy = build_policy(recipe.model)
     if recipe.train.gradient_checkpointing and hasattr(policy.model, "gradient_checkpointing_enable"):
         policy.model.gradient_checkpointing_enable()
+    if recipe.train.compile_blocks:
+        from posttrain.fast.backbone import compile_decoder_layers
+
+        compile_decoder_layers(policy.model)
     mtp_depth = mtp_depth_of(policy, recipe)
     train = recipe.train
     per_step = train.micro_batch_size * train.grad_accum
@@ -145,8 +150,17 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
         for i, (batch, batch_targets) in enumerate(zip(batches, targets, strict=True)):
             last = i == len(batches) - 1
             with accelerator.no_sync(model) if not last else nullcontext(), accelerator.autocast():
-                out_lm = model(batch["input_ids"], batch["position_ids"], with_mtp=mtp_depth > 0)
-                sums = [token_cross_entropy_sum(out_lm.logits, batch_targets[0])[0]]
+                chunk = train.loss_chunk_size
+                out_lm = model(
+                    batch["input_ids"], batch["position_ids"], with_mtp=mtp_depth > 0, hidden_only=bool(chunk)
+                )
+                if chunk:  # the head and the loss fused per chunk of rows: no [tokens, vocab] logits
+                    hidden, targets_flat = out_lm.hidden.flatten(0, 1), batch_targets[0].flatten()
+                    sums = [
+                        chunked_token_cross_entropy_sum(hidden, out_lm.head_weight, targets_flat, chunk)[0]
+                    ]
+                else:
+                    sums = [token_cross_entropy_sum(out_lm.logits, batch_targets[0])[0]]
                 # MTP depth k returns [B, L - k, V] logits: position i predicts token i + 1 + k.
                 sums += [
                     token_cross_entropy_sum(lg, t[:, : lg.shape[1]])[0]

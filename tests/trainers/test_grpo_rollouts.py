@@ -80,3 +80,33 @@ def test_completion_tensors_place_completions_after_their_prompts():
     assert tensors["input_ids"][1].tolist() == [2, 2, 1]
     assert tensors["completion_mask"].all() and tensors["prompt_lens"].tolist() == [1] * 4
     assert tensors["sampler_logps"][0].tolist() == [-0.5, -0.25]
+
+
+def test_chunked_completion_logprobs_equal_the_plain_ones(tiny_qwen2_config_path):
+    """The fused head + log-softmax per chunk (the default path) gives the plain path's values and gradients."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.policy import Policy
+    from posttrain.trainers.grpo import completion_logprobs
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**json.loads(open(tiny_qwen2_config_path).read()))
+    policy = Policy(AutoModelForCausalLM.from_config(config))
+    ids = torch.randint(3, 500, (3, 20))
+    tensors = {
+        "input_ids": ids,
+        "prompt_lens": torch.tensor([5, 8, 6]),
+        "completion_mask": torch.ones(3, 10, dtype=torch.bool),
+    }
+    results = []
+    for chunk in (None, 7):
+        policy.zero_grad()
+        logps, entropy = completion_logprobs(policy, tensors, slice(0, 3), temperature=0.7, chunk_size=chunk)
+        (logps.sum() + entropy.sum()).backward()
+        results.append(
+            (logps.detach(), entropy.detach(), policy.model.model.embed_tokens.weight.grad.clone())
+        )
+    for plain, chunked in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(chunked, plain, atol=2e-5, rtol=1e-5)

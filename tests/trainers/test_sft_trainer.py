@@ -162,3 +162,20 @@ def test_lora_switch_trains_adapters_only_and_saves_adapter_and_merged_model(tmp
     # lora_B starts at zero: non-zero values mean the adapters, and only they, were trained
     assert any(float(v.abs().max()) > 0 for k, v in with_adapter.state_dict().items() if "lora_B" in k)
     assert losses(model_dir.parent)[-1] < losses(model_dir.parent)[0]
+
+
+def test_fused_chunked_loss_gives_the_numbers_of_the_plain_head_and_loss(tmp_path, small_data, repo_root):
+    """train.loss_chunk_size (the default path) never builds [tokens, vocab] logits; same losses and weights."""
+    plain = run_in_process(
+        write_recipe(
+            tmp_path, small_data, repo_root, "plain", max_steps=2, micro_batch_size=2, loss_chunk_size=None
+        )
+    )
+    chunked = run_in_process(
+        write_recipe(
+            tmp_path, small_data, repo_root, "chunked", max_steps=2, micro_batch_size=2, loss_chunk_size=64
+        )
+    )
+    assert losses(plain.parent) == pytest.approx(losses(chunked.parent), rel=1e-5)
+    # Adam turns float-rounding differences of near-zero gradients into ~1e-5 steps; a wrong gradient moves ~lr=1e-3
+    assert_same_weights(weights(plain), weights(chunked), atol=5e-5)

@@ -1,0 +1,493 @@
+"""The training half of a GRPO step on one GPU: posttrain vs TRL's GRPOTrainer on the same batch.
+
+One step: the reference's log-probs of every completion (no grad), then the policy's log-probs, the GRPO loss
+(TRL 1.16's defaults: loss_type "dapo", ε = 0.2, β = 0.04 here so the reference runs, k3 KL with ρ-correction)
+and the backward, micro-batch by micro-batch, then clip and AdamW. Generation and rewards are not timed: the
+batch (P prompts × G completions with log-normal completion lengths, random tokens, random rewards) is built
+once and given to both.
+
+- posttrain (fast): prompt + completion of every sequence packed without padding into rows of
+  --pack-tokens tokens (posttrain.data.packing.plan_packs), attention over packed samples
+  (posttrain.fast.attention), per-token log-probs through the head only at completion positions, chunked
+  (posttrain.fast.chunked_loss), posttrain.algorithms.grpo.grpo_loss.
+- posttrain (plain): what the GRPO trainer does today: padded [b, L] rows, full logits, completion_logprobs.
+- TRL: its own compute, driven without generation: GRPOTrainer._get_per_token_logps_and_entropies for the
+  reference (as _generate_and_score_completions calls it) and GRPOTrainer.compute_loss per micro-batch of
+  per_device_train_batch_size rows (left-padded prompts, right-padded completions), then backward. The only
+  harness change: TRL would load the reference model from the hub path in the config; it gets a copy of the
+  same random-init model instead.
+
+All three start from the same weights and see the same batch each step: their per-step losses must agree.
+
+    python bench/grpo_gpu.py --out runs/bench_grpo               # H100, ~1.5 min
+    python bench/grpo_gpu.py --tiny --device cpu --steps 2       # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sft_gpu import (  # noqa: E402 (the SFT benchmark's harness: time limit, model, profiler, FLOPs)
+    GEMM_CEILING_TFLOPS,
+    H100_PEAK_TFLOPS,
+    LLAMA_1B,
+    ROOT,
+    TINY,
+    Results,
+    build_model,
+    cleanup,
+    environment,
+    make_adamw,
+    matmul_params,
+    peak_gib,
+    start_profiler,
+    stop_profiler,
+    sync,
+)
+
+from posttrain.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss  # noqa: E402
+from posttrain.data.packing import plan_packs  # noqa: E402
+from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs, register_varlen_attention  # noqa: E402
+from posttrain.fast.backbone import hidden_states_and_head  # noqa: E402
+from posttrain.fast.chunked_loss import chunked_token_logprobs  # noqa: E402
+from posttrain.policy import Policy  # noqa: E402
+from posttrain.trainers.grpo import completion_logprobs  # noqa: E402
+
+BETA, EPSILON, TEMPERATURE = 0.04, 0.2, 1.0
+
+
+def make_batch(
+    prompts: int, group: int, prompt_range: tuple[int, int], max_completion: int, vocab: int
+) -> dict:
+    rng = np.random.default_rng(0)
+    n = prompts * group
+    prompt_lens = np.repeat(rng.integers(*prompt_range, prompts), group)
+    median = 300 * max_completion / 1024
+    completion_lens = np.clip(np.round(rng.lognormal(math.log(median), 0.8, n)), 1, max_completion).astype(
+        int
+    )
+    prompt_tokens = [rng.integers(3, vocab, p) for p in prompt_lens[::group]]
+    return {
+        "prompts": [prompt_tokens[i // group] for i in range(n)],
+        "completions": [rng.integers(3, vocab, c) for c in completion_lens],
+        "rewards": torch.from_numpy(rng.integers(0, 2, n).astype(np.float32)),
+        "group": group,
+        "max_completion": max_completion,
+    }
+
+
+def grpo_flops(cfg: dict[str, Any], batch: dict) -> float:
+    """Policy forward + backward (3×) and reference forward (1×) over prompt + completion tokens; the output head
+    only where a completion token is scored; causal attention within each sequence."""
+    head = cfg["vocab_size"] * cfg["hidden_size"]
+    body = matmul_params(cfg) - head
+    width = cfg["num_attention_heads"] * cfg["head_dim"]
+    lengths = [len(p) + len(c) for p, c in zip(batch["prompts"], batch["completions"], strict=True)]
+    scored = sum(len(c) for c in batch["completions"])
+    forward = 2 * body * sum(lengths) + 2 * head * scored
+    forward += 4 * cfg["num_hidden_layers"] * width * sum(n * (n + 1) / 2 for n in lengths)
+    return 4 * forward  # policy 3×, reference 1×
+
+
+def loss_config(batch: dict) -> GRPOLossConfig:
+    return GRPOLossConfig(
+        epsilon=EPSILON, beta=BETA, loss_type="dapo", max_completion_length=batch["max_completion"]
+    )
+
+
+def padded_completion_mask(batch: dict, device: torch.device) -> torch.Tensor:
+    """[N, T] with T the longest completion of the batch (as TRL and posttrain's trainer pad)."""
+    lens = torch.tensor([len(c) for c in batch["completions"]], device=device)
+    return torch.arange(int(lens.max()), device=device)[None, :] < lens[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# posttrain, fast: sequences packed without padding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def packed_rows(batch: dict, capacity: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Bins of whole sequences (prompt + completion), each one row [1, L] with restarting positions, and where
+    its completion tokens are: `index` the positions that predict them, `row`/`col` their place in [N, T]."""
+    seqs = [np.concatenate([p, c]) for p, c in zip(batch["prompts"], batch["completions"], strict=True)]
+    plan = plan_packs(np.array([len(s) for s in seqs]), capacity)
+    rows = []
+    for b in range(plan.n_bins):
+        items = plan.bin(b)
+        offsets = np.cumsum([0, *[len(seqs[i]) for i in items]])
+        index, row, col = [], [], []
+        for i, start in zip(items, offsets[:-1], strict=False):
+            p, c = len(batch["prompts"][i]), len(batch["completions"][i])
+            index.append(start + p - 1 + np.arange(c))  # position p predicts token p + 1
+            row.append(np.full(c, i))
+            col.append(np.arange(c))
+        ids = torch.from_numpy(np.concatenate([seqs[i] for i in items]))[None]
+        rows.append(
+            {
+                "input_ids": ids.to(device),
+                "position_ids": torch.cat([torch.arange(len(seqs[i])) for i in items])[None].to(device),
+                "index": torch.from_numpy(np.concatenate(index)).to(device),
+                "row": torch.from_numpy(np.concatenate(row)).to(device),
+                "col": torch.from_numpy(np.concatenate(col)).to(device),
+                "sequences": torch.from_numpy(np.sort(items)).to(device),
+            }
+        )
+    return rows
+
+
+def packed_logprobs(
+    model: torch.nn.Module, pack: dict[str, torch.Tensor], n: int, t_max: int
+) -> torch.Tensor:
+    """[N, T] log-probs of this pack's completion tokens (zero elsewhere)."""
+    hidden, weight = hidden_states_and_head(
+        model, pack["input_ids"], pack["position_ids"], **packed_attention_kwargs(pack["position_ids"])
+    )
+    targets = pack["input_ids"][0, pack["index"] + 1]
+    logps, _ = chunked_token_logprobs(hidden[0, pack["index"]], weight, targets, TEMPERATURE, 4096)
+    out = torch.zeros(n, t_max, device=logps.device, dtype=logps.dtype)
+    return out.index_put((pack["row"], pack["col"]), logps)
+
+
+def step_posttrain_fast(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # noqa: ANN001
+    batch, device = ctx["batch"], ctx["device"]
+    n, t_max = len(batch["completions"]), ctx["completion_mask"].shape[1]
+    mask, advantages = ctx["completion_mask"], ctx["advantages"]
+    with torch.no_grad(), ctx["autocast"]():
+        ref = sum(packed_logprobs(reference, pack, n, t_max) for pack in ctx["packs"])
+    total = torch.zeros((), device=device)
+    for pack in ctx["packs"]:
+        rows = pack["sequences"]
+        with ctx["autocast"]():
+            logps = packed_logprobs(model, pack, n, t_max)[rows]
+            loss, _ = grpo_loss(
+                logps,
+                advantages[rows],
+                mask[rows],
+                ctx["loss_cfg"],
+                ref_logps=ref[rows],
+                num_tokens_global=ctx["num_tokens"],
+                num_sequences_global=n,
+            )
+        loss.backward()
+        total += loss.detach()
+    return total, finish_step(model, optimizer)
+
+
+def finish_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# posttrain, plain: today's trainer (padded rows, full logits)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def padded_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The GRPO trainer's layout: prompt then completion, right-padded, with prompt_lens."""
+    seqs = [np.concatenate([p, c]) for p, c in zip(batch["prompts"], batch["completions"], strict=True)]
+    length = max(len(s) for s in seqs)
+    ids = np.zeros((len(seqs), length), np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    return {
+        "input_ids": torch.from_numpy(ids).to(device),
+        "prompt_lens": torch.tensor([len(p) for p in batch["prompts"]], device=device),
+        "completion_mask": padded_completion_mask(batch, device),
+    }
+
+
+def step_posttrain_plain(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # noqa: ANN001
+    tensors, n = ctx["padded"], len(ctx["batch"]["completions"])
+    slices = [slice(s, min(s + ctx["micro"], n)) for s in range(0, n, ctx["micro"])]
+    policy, ref_policy = Policy(model), Policy(reference)
+    with torch.no_grad(), ctx["autocast"]():
+        ref = torch.cat([completion_logprobs(ref_policy, tensors, rows, TEMPERATURE)[0] for rows in slices])
+    total = torch.zeros((), device=ctx["device"])
+    for rows in slices:
+        with ctx["autocast"]():
+            logps, _ = completion_logprobs(policy, tensors, rows, TEMPERATURE)
+            loss, _ = grpo_loss(
+                logps,
+                ctx["advantages"][rows],
+                tensors["completion_mask"][rows],
+                ctx["loss_cfg"],
+                ref_logps=ref[rows],
+                num_tokens_global=ctx["num_tokens"],
+                num_sequences_global=n,
+            )
+        loss.backward()
+        total += loss.detach()
+    return total, finish_step(model, optimizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRL: GRPOTrainer's own log-prob and loss code on the same batch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trl_inputs(batch: dict, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """What GRPOTrainer._generate_and_score_completions hands to the loss: left-padded prompts, right-padded
+    completions, their masks."""
+    n, p_max, c_max = (
+        len(batch["prompts"]),
+        max(map(len, batch["prompts"])),
+        max(map(len, batch["completions"])),
+    )
+    prompt_ids = np.full((n, p_max), pad_id, np.int64)
+    prompt_mask = np.zeros((n, p_max), np.int64)
+    completion_ids = np.full((n, c_max), pad_id, np.int64)
+    for i, (p, c) in enumerate(zip(batch["prompts"], batch["completions"], strict=True)):
+        prompt_ids[i, p_max - len(p) :], prompt_mask[i, p_max - len(p) :] = p, 1
+        completion_ids[i, : len(c)] = c
+    return {
+        "prompt_ids": torch.from_numpy(prompt_ids).to(device),
+        "prompt_mask": torch.from_numpy(prompt_mask).to(device),
+        "completion_ids": torch.from_numpy(completion_ids).to(device),
+        "completion_mask": padded_completion_mask(batch, device).long(),
+    }
+
+
+def make_trl_trainer(ctx: dict, model: torch.nn.Module, reference: torch.nn.Module) -> Any:
+    import trl.trainer.grpo_trainer as grpo_module
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    n = len(ctx["batch"]["completions"])
+    grpo_module.create_model_from_path = lambda *args, **kwargs: reference  # no hub: the same random init
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer"))
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=ctx["micro"],
+        gradient_accumulation_steps=math.ceil(n / ctx["micro"]),
+        num_generations=ctx["batch"]["group"],
+        max_completion_length=ctx["batch"]["max_completion"],
+        temperature=TEMPERATURE,
+        beta=BETA,
+        epsilon=EPSILON,
+        loss_type="dapo",
+        learning_rate=ctx["lr"],
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=ctx["device"].type == "cuda",
+        use_cpu=ctx["device"].type != "cuda",
+        report_to="none",
+        use_vllm=False,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["x"] * n}),
+        processing_class=tokenizer,
+    )
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return trainer
+
+
+def step_trl(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # noqa: ANN001
+    trainer, inputs = ctx["trainer"], ctx["trl_inputs"]
+    n, micro = len(ctx["batch"]["completions"]), ctx["micro"]
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        ref, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.ref_model, input_ids, attention_mask, inputs["completion_ids"].shape[1], batch_size=micro
+        )
+    total = torch.zeros((), device=ctx["device"])
+    for start in range(0, n, micro):
+        rows = slice(start, min(start + micro, n))
+        micro_inputs = {k: v[rows] for k, v in inputs.items()}
+        micro_inputs |= {
+            "advantages": ctx["advantages"][rows],
+            "ref_per_token_logps": ref[rows],
+            "num_items_in_batch": inputs["completion_mask"].sum(),
+        }
+        loss = trainer.compute_loss(model, micro_inputs)
+        trainer.accelerator.backward(loss)
+        total += loss.detach()
+    return total, finish_step(model, optimizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run(name: str, ctx: dict, step_fn, attn: str, profile: bool) -> dict[str, Any]:  # noqa: ANN001
+    device = ctx["device"]
+    model = build_model(ctx["cfg"], attn, device, ctx["state"])
+    reference = build_model(ctx["cfg"], attn, device, ctx["state"]).eval().requires_grad_(False)
+    if name == "trl":
+        ctx["trainer"] = make_trl_trainer(ctx, model, reference)
+        reference = ctx["trainer"].ref_model
+    optimizer = make_adamw(model, ctx["lr"])
+    cleanup()
+    losses, grad_norms, timed_from = [], [], None
+    for step in range(ctx["steps"]):
+        if step == ctx["warmup"]:
+            sync(device)
+            timed_from = time.perf_counter()
+        loss, grad_norm = step_fn(ctx, model, reference, optimizer)
+        losses.append(loss)
+        grad_norms.append(grad_norm)
+    sync(device)
+    seconds = (time.perf_counter() - timed_from) / (ctx["steps"] - ctx["warmup"])
+    result: dict[str, Any] = {
+        "losses": [float(x) for x in losses],
+        "grad_norms": [float(x) for x in grad_norms],
+        "step_s": seconds,
+        "peak_gib": peak_gib(device),
+        "real_tokens_per_s": ctx["real_tokens"] / seconds,
+        "model_tflops": ctx["flops"] / seconds / 1e12,
+    }
+    result["mfu_vs_989"] = result["model_tflops"] / H100_PEAK_TFLOPS
+    result["mfu_vs_770"] = result["model_tflops"] / GEMM_CEILING_TFLOPS
+    if profile:
+        prof = start_profiler(device)
+        step_fn(ctx, model, reference, optimizer)
+        result["profile"] = stop_profiler(prof, device, 1)
+    ctx.pop("trainer", None)
+    del model, reference, optimizer
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--micro", type=int, default=8, help="rows per micro-batch (TRL, posttrain plain)")
+    parser.add_argument(
+        "--pack-tokens", type=int, default=8192, help="tokens per packed row (posttrain fast)"
+    )
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--time-limit", type=float, default=150.0)
+    parser.add_argument("--only", nargs="*", help="run only these (posttrain_fast posttrain_plain trl)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs/bench_grpo"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cfg = TINY if args.tiny else LLAMA_1B
+    max_completion, prompt_range = (32, (4, 16)) if args.tiny else (1024, (64, 512))
+    pack_tokens = 128 if args.tiny else args.pack_tokens
+    results = Results(Path(args.out), "grpo_gpu", args.time_limit, args.only)
+    results.data["env"] = environment(device)
+    results.data["command"] = " ".join(["grpo_gpu.py", *(argv if argv is not None else sys.argv[1:])])
+    register_varlen_attention()
+
+    batch = make_batch(args.prompts, args.group, prompt_range, max_completion, cfg["vocab_size"])
+    advantages, _ = group_advantages(batch["rewards"], args.group)
+    torch.manual_seed(0)
+    state = {
+        k: v.detach().cpu().clone() for k, v in build_model(cfg, "sdpa", device, None).state_dict().items()
+    }
+    cleanup()
+    completion_mask = padded_completion_mask(batch, device)
+    real_tokens = sum(len(p) + len(c) for p, c in zip(batch["prompts"], batch["completions"], strict=True))
+    autocast_on = device.type == "cuda"
+    ctx = {
+        "device": device,
+        "cfg": cfg,
+        "state": state,
+        "batch": batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "micro": args.micro,
+        "lr": args.lr,
+        "advantages": advantages.to(device),
+        "completion_mask": completion_mask,
+        "num_tokens": completion_mask.sum(),
+        "loss_cfg": loss_config(batch),
+        "real_tokens": real_tokens,
+        "flops": grpo_flops(cfg, batch),
+        "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on),
+        "packs": packed_rows(batch, pack_tokens, device),
+        "padded": padded_tensors(batch, device),
+        "trl_inputs": trl_inputs(batch, pad_id=0, device=device),
+    }
+    slots = len(batch["prompts"]) * (max(map(len, batch["prompts"])) + int(completion_mask.shape[1]))
+    results.data["batch"] = {
+        "sequences": len(batch["prompts"]),
+        "real_tokens": real_tokens,
+        "completion_tokens": int(completion_mask.sum()),
+        "trl_padded_slots": slots,
+        "posttrain_packs": len(ctx["packs"]),
+        "model_tflop_per_step": ctx["flops"] / 1e12,
+    }
+    plan = [
+        ("posttrain_fast", step_posttrain_fast, VARLEN_ATTENTION, 30),
+        ("trl", step_trl, "sdpa", 60),
+        ("posttrain_plain", step_posttrain_plain, "sdpa", 45),
+    ]
+    for name, step_fn, attn, needs in plan:
+        results.section(
+            name, needs, lambda s=step_fn, a=attn, n=name: run(n, ctx, s, a, profile=device.type == "cuda")
+        )
+
+    sections = results.data["sections"]
+    done = {k: v for k, v in sections.items() if "step_s" in v}
+    if "posttrain_fast" in done and "trl" in done:
+        results.data["speedup_vs_trl"] = done["trl"]["step_s"] / done["posttrain_fast"]["step_s"]
+        diffs = [
+            abs(a - b) / max(abs(b), 1e-6)
+            for a, b in zip(done["posttrain_fast"]["losses"], done["trl"]["losses"])
+        ]
+        gn = [abs(a - b) / b for a, b in zip(done["posttrain_fast"]["grad_norms"], done["trl"]["grad_norms"])]
+        results.data["agreement_vs_trl"] = {"loss_max_abs_rel": max(diffs), "grad_norm_max_rel": max(gn)}
+    results.save()
+    lines = [
+        f"# GRPO training step ({results.data['env'].get('gpu', device)})",
+        "",
+        f"batch: {results.data['batch']}",
+        "",
+    ]
+    lines += [
+        "| run | step s | real tokens/s | model TFLOP/s | MFU (989) | MFU (770) | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, value in sections.items():
+        if "step_s" in value:
+            peak = value["peak_gib"]
+            lines.append(
+                f"| {name} | {value['step_s']:.3f} | {value['real_tokens_per_s']:,.0f} | {value['model_tflops']:.1f} | "
+                f"{100 * value['mfu_vs_989']:.1f}% | {100 * value['mfu_vs_770']:.1f}% | {'-' if peak is None else f'{peak:.1f}'} |"
+            )
+        else:
+            lines.append(f"| {name} | {value.get('skipped') or value.get('error', '')[:100]} | | | | | |")
+    for key in ("speedup_vs_trl", "agreement_vs_trl"):
+        if key in results.data:
+            lines.append(f"\n**{key}**: {results.data[key]}")
+    for name, value in sections.items():
+        if "profile" in value:
+            lines.append(
+                f"\nprofile {name}: {value['profile']['share']} ({value['profile']['gpu_ms_per_step']:.1f} ms)"
+            )
+    text = "\n".join(lines) + "\n"
+    (Path(args.out) / "grpo_gpu.md").write_text(text)
+    print(text, flush=True)
+    return results.data
+
+
+if __name__ == "__main__":
+    main()

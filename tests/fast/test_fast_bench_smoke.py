@@ -1,0 +1,59 @@
+"""The GPU benchmarks' code paths on a tiny model on CPU (fp32): posttrain's fast SFT and GRPO steps give TRL's
+losses (and, for GRPO, TRL's gradient norms) step by step on the same packs and batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+pytest.importorskip("trl")
+
+
+def _bench(name: str, repo_root):
+    if name not in sys.modules:  # grpo_gpu imports sft_gpu by name, as when run as a script
+        spec = importlib.util.spec_from_file_location(name, repo_root / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.mark.slow
+def test_sft_bench_fast_path_gives_trl_losses(repo_root, tmp_path):
+    results = _bench("sft_gpu", repo_root).main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--profile-steps",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+        + ["--only", "posttrain_varlen_chunked", "trl_sdpa"]
+    )
+    sections = results["sections"]
+    assert sections["trl_sdpa"]["same_packs_as_posttrain"]
+    agreement = results["loss_agreement"]["per_run"]["posttrain_varlen_chunked"]
+    assert agreement["steps"] == 3 and agreement["max_rel_diff"] < 1e-5
+    assert sections["posttrain_varlen_chunked"]["tokens_per_s"] > 0
+    rows = (tmp_path / "sft_gpu.md").read_text().splitlines()
+    assert sum(row.startswith("| posttrain_varlen_chunked | ") for row in rows) == 1  # its throughput row
+
+
+@pytest.mark.slow
+def test_grpo_bench_fast_path_gives_trl_losses_and_gradients(repo_root, tmp_path):
+    results = _bench("grpo_gpu", repo_root).main(
+        ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--prompts", "2", "--group", "4"]
+        + ["--micro", "4", "--out", str(tmp_path), "--only", "posttrain_fast", "trl"]
+    )
+    assert results["batch"]["posttrain_packs"] < results["batch"]["sequences"]  # packed, not one row each
+    agreement = results["agreement_vs_trl"]
+    assert agreement["loss_max_abs_rel"] < 1e-5 and agreement["grad_norm_max_rel"] < 1e-5

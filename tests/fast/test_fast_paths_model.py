@@ -1,0 +1,172 @@
+"""Packed-sample attention, the hidden-state forward and compiled blocks give the plain path's numbers on a tiny
+Qwen2 (fp32): logits, the SFT loss and every parameter's gradient, and GRPO's completion log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from posttrain.algorithms.sft import shifted_targets, token_cross_entropy_sum
+from posttrain.fast.attention import (
+    VARLEN_ATTENTION,
+    cu_seqlens_from_position_ids,
+    packed_attention_kwargs,
+    register_varlen_attention,
+)
+from posttrain.fast.backbone import compile_decoder_layers, hidden_states_and_head
+from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum, chunked_token_logprobs
+from posttrain.policy import Policy
+from posttrain.trainers.grpo import completion_logprobs
+
+SAMPLE_LENGTHS = [[13, 30, 1, 20], [64]]  # two packed rows of 64 tokens; a one-token sample included
+
+
+@pytest.fixture(scope="module")
+def models(tiny_qwen2_config_path):
+    register_varlen_attention()
+    config = AutoConfig.for_model(**json.loads(open(tiny_qwen2_config_path).read()))
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    fast = AutoModelForCausalLM.from_config(config, attn_implementation=VARLEN_ATTENTION, dtype=torch.float32)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+def _packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in SAMPLE_LENGTHS])
+    input_ids = torch.randint(3, vocab, positions.shape, generator=g)
+    loss_mask = (positions > 0) & (torch.rand(positions.shape, generator=g) < 0.8)
+    return {"input_ids": input_ids, "position_ids": positions, "loss_mask": loss_mask}
+
+
+def test_cu_seqlens_from_position_ids_by_hand():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 5], [6, 7, 0, 1, 2, 3]])
+    cu_seqlens, longest = cu_seqlens_from_position_ids(positions)
+    # A jump (1 -> 5) starts a sample as a restart does; every row starts one, even if its positions continue.
+    assert cu_seqlens.tolist() == [0, 3, 5, 6, 8, 12]
+    assert cu_seqlens.dtype == torch.int32 and longest == 4
+    with pytest.raises(ValueError, match="position_ids must be \\[B, S\\]"):
+        cu_seqlens_from_position_ids(positions[0])
+
+
+def test_varlen_attention_gives_the_logits_of_each_sample_alone(models):
+    plain, fast = models
+    batch = _packed_batch(plain.config.vocab_size)
+    with torch.no_grad():
+        packed = fast(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            **packed_attention_kwargs(batch["position_ids"]),
+        ).logits
+        masked = plain(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        start = 0
+        for length in SAMPLE_LENGTHS[0]:
+            alone = plain(input_ids=batch["input_ids"][:1, start : start + length]).logits
+            torch.testing.assert_close(packed[:1, start : start + length], alone, rtol=1e-5, atol=1e-5)
+            start += length
+    torch.testing.assert_close(packed, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_rejects_a_padding_mask(models):
+    _, fast = models
+    batch = _packed_batch(fast.config.vocab_size)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="does not take padding masks"):
+        fast(input_ids=batch["input_ids"], attention_mask=mask)
+
+
+def _plain_sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = Policy(model)(batch["input_ids"], batch["position_ids"]).logits
+    total, count = token_cross_entropy_sum(logits, shifted_targets(**_target_args(batch)))
+    return total / count
+
+
+def _fast_sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    hidden, weight = hidden_states_and_head(
+        model, batch["input_ids"], batch["position_ids"], **packed_attention_kwargs(batch["position_ids"])
+    )
+    targets = shifted_targets(**_target_args(batch))
+    total, count = chunked_token_cross_entropy_sum(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size
+    )
+    return total / count
+
+
+def _target_args(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": batch["input_ids"],
+        "loss_mask": batch["loss_mask"],
+        "position_ids": batch["position_ids"],
+    }
+
+
+def test_fast_sft_step_matches_plain_loss_and_every_gradient(models):
+    plain, fast = models
+    batch = _packed_batch(plain.config.vocab_size, seed=1)
+    plain.zero_grad(set_to_none=True)
+    fast.zero_grad(set_to_none=True)
+    want = _plain_sft_loss(plain, batch)
+    got = _fast_sft_loss(fast, batch, chunk_size=37)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    fast_params = dict(fast.named_parameters())
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_completion_logprobs_match_the_grpo_trainer(models):
+    plain, fast = models
+    g = torch.Generator().manual_seed(4)
+    rows, length, t_max = 3, 40, 12
+    input_ids = torch.randint(3, plain.config.vocab_size, (rows, length), generator=g)
+    tensors = {
+        "input_ids": input_ids,
+        "prompt_lens": torch.tensor([5, 17, 28]),
+        "completion_mask": torch.ones(rows, t_max, dtype=torch.bool),
+    }
+    want_logps, want_entropy = completion_logprobs(Policy(plain), tensors, slice(0, rows), temperature=0.8)
+
+    # Position p predicts token p + 1: completion token t sits at prompt_len + t (as completion_logprobs).
+    index = (tensors["prompt_lens"][:, None] - 1 + torch.arange(t_max)[None, :]).clamp(max=length - 2)
+    positions = torch.arange(length).expand(rows, -1)
+    hidden, weight = hidden_states_and_head(fast, input_ids, positions)
+    picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    targets = input_ids.gather(1, index + 1)
+    logps, entropy = chunked_token_logprobs(
+        picked.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), temperature=0.8, chunk_size=10
+    )
+    torch.testing.assert_close(logps.view(rows, t_max), want_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.view(rows, t_max), want_entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decoder_layers_give_the_same_logits(tiny_qwen2_config_path):
+    config = AutoConfig.for_model(**json.loads(open(tiny_qwen2_config_path).read()))
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    batch = _packed_batch(config.vocab_size, seed=2)
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        # The "eager" backend traces each block with dynamo and runs the captured graph: the wiring, not Inductor.
+        assert compile_decoder_layers(model, backend="eager") == config.num_hidden_layers
+        got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_hidden_state_path_refuses_models_whose_logits_are_not_hidden_times_head(models):
+    plain, _ = models
+    batch = _packed_batch(plain.config.vocab_size)
+    plain.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(ValueError, match="final_logit_softcapping"):
+            hidden_states_and_head(plain, batch["input_ids"], batch["position_ids"])
+    finally:
+        plain.config.final_logit_softcapping = None
+    with pytest.raises(ValueError, match="not a transformers causal LM"):
+        hidden_states_and_head(torch.nn.Linear(2, 2), batch["input_ids"], batch["position_ids"])
