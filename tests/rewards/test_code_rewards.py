@@ -96,7 +96,9 @@ def test_humaneval_canonical_solutions_pass_through_the_runner():
         "tests": [p["test"] for p in problems] * 2,
         "entry_point": [p["entry_point"] for p in problems] * 2,
     }
-    specs = [RewardSpec("code_pass", kwargs={"timeout": 5}, timeout_s=30)]
+    specs = [
+        RewardSpec("code_pass", kwargs={"timeout": 20}, timeout_s=60)
+    ]  # generous: CI machines get loaded
     with RewardRunner(specs, workers=2) as runner:
         scores = runner.score([p["prompt"] for p in problems] * 2, right + wrong, columns)
     assert scores.per_function["code_pass"] == [1.0] * 4 + [0.0] * 4, scores.failures
