@@ -26,6 +26,7 @@ All three start from the same weights and see the same batch each step: their pe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -37,7 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The SFT benchmark's harness, loaded by path: putting bench/ on sys.path would let bench/sandbox.py shadow the
+# `sandbox` package for everything imported later in the same process (tests import this file).
+_harness = importlib.util.spec_from_file_location("sft_gpu", Path(__file__).resolve().parent / "sft_gpu.py")
+sys.modules["sft_gpu"] = importlib.util.module_from_spec(_harness)
+_harness.loader.exec_module(sys.modules["sft_gpu"])
 
 from sft_gpu import (  # noqa: E402 (the SFT benchmark's harness: time limit, model, profiler, FLOPs)
     GEMM_CEILING_TFLOPS,
