@@ -245,7 +245,7 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
 
     `backend` replaces the recipe's teacher (tests script one); it is not closed here.
     """
-    from rewards import RewardRunner, RewardSpec
+    from posttrain.trainers.loop import make_reward_runner
 
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +268,7 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
     )
 
     teacher = backend or (make_teacher_backend(recipe, tokenizer, out) if todo else None)
-    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in recipe.rewards.functions]
-    runner = RewardRunner(specs, workers=recipe.rewards.workers, timeout_s=recipe.rewards.timeout_s)
+    runner = make_reward_runner(recipe.rewards)
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), unit="batch")
     try:
         for batch in todo:

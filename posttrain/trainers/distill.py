@@ -57,6 +57,7 @@ from posttrain.trainers.loop import (
     StepTimer,
     make_accelerator,
     make_optimizer,
+    make_reward_runner,
     make_scheduler,
     prepare_output_dir,
 )
@@ -68,7 +69,6 @@ from posttrain.trainers.sft import (
     step_pack_ids,
     train_sft,
 )
-from rewards import RewardRunner, RewardSpec
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,8 @@ def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, rec
     prompts = load_prompts(recipe.eval.prompts, tokenizer, recipe.eval.prompt_field)
     if recipe.eval.max_prompts:
         prompts = prompts.select(list(range(min(recipe.eval.max_prompts, len(prompts)))))
-    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in recipe.rewards.functions]
     backend = build_backend("hf", model=model, tokenizer=tokenizer)
-    with RewardRunner(specs, workers=recipe.rewards.workers, timeout_s=recipe.rewards.timeout_s) as runner:
+    with make_reward_runner(recipe.rewards) as runner:
         return {**evaluate(backend, runner, prompts, recipe), "eval/prompts": len(prompts)}
 
 

@@ -44,6 +44,7 @@ from posttrain.trainers.loop import (
     Progress,
     make_accelerator,
     make_optimizer,
+    make_reward_runner,
     make_scheduler,
     prepare_output_dir,
     update_expert_bias,
@@ -284,8 +285,6 @@ def step_prompt_ids(step: int, n_prompts: int, per_step: int, seed: int) -> np.n
 
 
 def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
-    from rewards import RewardRunner, RewardSpec
-
     accelerator = make_accelerator(recipe.train)
     out = prepare_output_dir(recipe.output_dir, recipe, accelerator, resume)
     tokenizer = load_tokenizer(recipe.model)
@@ -328,8 +327,7 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
     backend = make_backend(recipe.generation, unwrapped, tokenizer, out)
     if start_step:
         backend.sync_weights(_hf_module(unwrapped))
-    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in recipe.rewards.functions]
-    runner = RewardRunner(specs, workers=recipe.rewards.workers, timeout_s=recipe.rewards.timeout_s)
+    runner = make_reward_runner(recipe.rewards)
     progress = Progress(accelerator, out, recipe.logging, total_steps, start_step)
 
     if eval_prompts is not None and start_step == 0 and accelerator.is_main_process:

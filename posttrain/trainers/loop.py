@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from posttrain.config import CheckpointSection, LoggingSection, TrainSection, dump_recipe
+from posttrain.config import CheckpointSection, LoggingSection, RewardsSection, TrainSection, dump_recipe
 from posttrain.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,14 @@ def update_expert_bias(policy: torch.nn.Module, gamma: float) -> dict[str, float
     if update is None or gamma <= 0:
         return {}
     return {"moe/max_over_mean_load": update(gamma)["max_over_mean_load"]}
+
+
+def make_reward_runner(rewards: RewardsSection) -> Any:
+    """The recipe's reward functions in a bounded worker pool (`rewards.RewardRunner`); close it when done."""
+    from rewards import RewardRunner, RewardSpec
+
+    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in rewards.functions]
+    return RewardRunner(specs, workers=rewards.workers, timeout_s=rewards.timeout_s)
 
 
 class Checkpointer:
