@@ -11,8 +11,9 @@ GEMM. With A's scales per 1×128 tile and B's per 128×128 block, C = A Bᵀ spl
     C[m, n] = Σ_k-blocks  sA[m, kb] · sB[n // 128, kb] · Σ_{k in kb} qA[m, k] · qB[n, k]
 
 The inner sum runs on FP8 tensor cores, the outer sum in float32 (the report's promotion every 128
-elements). `fp8_block_matmul` dispatches to the Triton kernel on CUDA and to a dequantise-then-float32-matmul
-reference elsewhere; both compute the same function up to float32 summation order.
+elements). `fp8_block_matmul` dispatches on CUDA to cuBLAS's block-scaled FP8 GEMM (`torch._scaled_mm`, after a
+one-time self-check that it reads DeepSeek's scales right), else to our Triton kernel, and elsewhere to a
+dequantise-then-float32-matmul reference; all compute the same function up to float32 summation order.
 
 Training (report Fig. 6). `FP8Linear` keeps a master weight in bf16/fp32; all three GEMMs run in FP8:
     forward  y  = x Wᵀ    x: 1×128 tiles along K,   W: 128×128 blocks
@@ -137,7 +138,7 @@ def fp8_block_matmul(
 
     a_q [M, K] e4m3 with a_scale [M, ceil(K/block_k)] (1×block_k tiles); b_q [N, K] e4m3 with b_scale either
     [ceil(N/block_k), ceil(K/block_k)] (square blocks: a weight) or [N, ceil(K/block_k)] (1×block_k tiles: an
-    activation, as in the weight-gradient GEMM). Triton on CUDA; elsewhere the reference below.
+    activation, as in the weight-gradient GEMM). cuBLAS or Triton on CUDA; elsewhere the reference.
     """
     for name, t in (("a_q", a_q), ("a_scale", a_scale), ("b_q", b_q), ("b_scale", b_scale)):
         _check_2d(name, t)
@@ -158,13 +159,85 @@ def fp8_block_matmul(
             f"b_scale has shape {tuple(b_scale.shape)}, expected {(n, k_blocks)} (per row) "
             f"or {(math.ceil(n / block_k), k_blocks)} (per {block_k}×{block_k} block)"
         )
+    if (
+        a_q.is_cuda
+        and _cublas_takes_shape(m, n, k, b_scale_rows, block_k)
+        and _cublas_block_scaling_works(a_q.device, b_scale_rows, out_dtype)
+    ):
+        return cublas_block_matmul(a_q, a_scale, b_q, b_scale, b_scale_rows, out_dtype)
     if _use_triton(a_q, b_q):
         from posttrain.model.kernels import fp8_block_gemm
 
         return fp8_block_gemm(a_q, a_scale, b_q, b_scale, b_scale_rows, block_k, out_dtype)
+    return _reference_block_matmul(a_q, a_scale, b_q, b_scale, b_scale_rows, out_dtype, block_k)
+
+
+def _reference_block_matmul(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_scale_rows: int,
+    out_dtype: torch.dtype,
+    block_k: int = 128,
+) -> torch.Tensor:
     a = dequantize_blocks(a_q, a_scale, (1, block_k))
     b = dequantize_blocks(b_q, b_scale, (b_scale_rows, block_k))
     return (a @ b.t()).to(out_dtype)
+
+
+def cublas_block_matmul(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_scale_rows: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`fp8_block_matmul` through `torch._scaled_mm`'s block-wise modes (cuBLAS, Hopper and later).
+
+    ATen's convention: C = A @ B with B [K, N] column-major (our b_q [N, K] transposed, no copy), scale_a
+    [M, K/128] stored M-major, scale_b [K/128, N/128] for 128×128 blocks or [K/128, N] for 1×128 tiles — the
+    transposes of DeepSeek's [N/128, K/128] and [N, K/128] layouts.
+    """
+    scale_a = a_scale.t().contiguous().t()
+    scale_b = b_scale.t() if b_scale_rows > 1 else b_scale.t().contiguous()
+    return torch._scaled_mm(a_q, b_q.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+def _cublas_takes_shape(m: int, n: int, k: int, b_scale_rows: int, block_k: int) -> bool:
+    """Whole blocks only, and with 128×128 scales only when the scale grid's sides are multiples of 4: on the
+    H100 (torch 2.11) K = 384 was accepted and computed wrongly (relative error 0.4)."""
+    if block_k != 128 or m % 16:
+        return False
+    if b_scale_rows > 1:
+        return k % 512 == 0 and n % 512 == 0
+    return k % 128 == 0 and n % 16 == 0
+
+
+_CUBLAS_BLOCK_SCALING: dict[tuple[str, int, torch.dtype], bool] = {}
+
+
+def _cublas_block_scaling_works(device: torch.device, b_scale_rows: int, out_dtype: torch.dtype) -> bool:
+    """Whether this torch/cuBLAS computes block-scaled GEMMs right, found once per (device, B's scaling, output
+    dtype) on a small random problem against the reference: older stacks refuse block-wise scales, and a stack
+    that accepted them but read the scales differently must never be trusted silently."""
+    key = (str(device), b_scale_rows, out_dtype)
+    if key not in _CUBLAS_BLOCK_SCALING:
+        generator = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(256, 512, device=device, generator=generator)
+        b = torch.randn(512, 512, device=device, generator=generator) * torch.rand(512, 1, device=device) * 9
+        a_q, a_scale = quantize_blocks(a, (1, 128))
+        b_q, b_scale = quantize_blocks(b, (b_scale_rows, 128))
+        try:
+            out = cublas_block_matmul(a_q, a_scale, b_q, b_scale, b_scale_rows, out_dtype).float()
+        except RuntimeError:
+            _CUBLAS_BLOCK_SCALING[key] = False
+        else:
+            ref = _reference_block_matmul(a_q, a_scale, b_q, b_scale, b_scale_rows, torch.float32)
+            tolerance = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+            _CUBLAS_BLOCK_SCALING[key] = bool(((out - ref).norm() / ref.norm()) < tolerance)
+    return _CUBLAS_BLOCK_SCALING[key]
 
 
 class _FP8LinearFunction(torch.autograd.Function):
