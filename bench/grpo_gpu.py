@@ -6,11 +6,11 @@ and the backward, micro-batch by micro-batch, then clip and AdamW. Generation an
 batch (P prompts × G completions with log-normal completion lengths, random tokens, random rewards) is built
 once and given to both.
 
-- posttrain (fast): prompt + completion of every sequence packed without padding into rows of
-  --pack-tokens tokens (posttrain.data.packing.plan_packs), attention over packed samples
-  (posttrain.fast.attention), per-token log-probs through the head only at completion positions, chunked
-  (posttrain.fast.chunked_loss), posttrain.algorithms.grpo.grpo_loss.
-- posttrain (plain): what the GRPO trainer does today: padded [b, L] rows, full logits, completion_logprobs.
+- posttrain (fast): the GRPO trainer with grpo.pack_tokens set (--pack-tokens): prompt + completion of every
+  sequence packed without padding into rows (posttrain.trainers.grpo.micro_batches, exact BFD), attention
+  over packed samples (posttrain.fast.attention), per-token log-probs through the head only at completion
+  positions, chunked (train.loss_chunk_size = 4096, the default), grpo_loss per pack (micro_batch_loss).
+- posttrain (plain): the same trainer functions with pack_tokens unset: right-padded rows of --micro sequences.
 - TRL: its own compute, driven without generation: GRPOTrainer._get_per_token_logps_and_entropies for the
   reference (as _generate_and_score_completions calls it) and GRPOTrainer.compute_loss per micro-batch of
   per_device_train_batch_size rows (left-padded prompts, right-padded completions), then backward. The only
@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,18 @@ from sft_gpu import (  # noqa: E402 (the SFT benchmark's harness: time limit, mo
     sync,
 )
 
-from posttrain.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss  # noqa: E402
-from posttrain.data.packing import plan_packs  # noqa: E402
-from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs, register_varlen_attention  # noqa: E402
-from posttrain.fast.backbone import hidden_states_and_head  # noqa: E402
-from posttrain.fast.chunked_loss import chunked_token_logprobs  # noqa: E402
+from posttrain.algorithms.grpo import GRPOLossConfig, group_advantages  # noqa: E402
+from posttrain.fast.attention import VARLEN_ATTENTION, register_varlen_attention  # noqa: E402
 from posttrain.policy import Policy  # noqa: E402
-from posttrain.trainers.grpo import completion_logprobs  # noqa: E402
+from posttrain.trainers.grpo import (  # noqa: E402 (the trainer's own functions are what is timed)
+    frozen_logprobs,
+    micro_batch_loss,
+    micro_batches,
+    padded_sequences,
+)
 
 BETA, EPSILON, TEMPERATURE = 0.04, 0.2, 1.0
+LOSS_CHUNK = 4096  # train.loss_chunk_size's default
 
 
 def make_batch(
@@ -119,71 +123,29 @@ def padded_completion_mask(batch: dict, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# posttrain, fast: sequences packed without padding
+# posttrain: the GRPO trainer's functions, on packed rows (fast) or padded rows (plain)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def packed_rows(batch: dict, capacity: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Bins of whole sequences (prompt + completion), each one row [1, L] with restarting positions, and where
-    its completion tokens are: `index` the positions that predict them, `row`/`col` their place in [N, T]."""
-    seqs = [np.concatenate([p, c]) for p, c in zip(batch["prompts"], batch["completions"], strict=True)]
-    plan = plan_packs(np.array([len(s) for s in seqs]), capacity)
-    rows = []
-    for b in range(plan.n_bins):
-        items = plan.bin(b)
-        offsets = np.cumsum([0, *[len(seqs[i]) for i in items]])
-        index, row, col = [], [], []
-        for i, start in zip(items, offsets[:-1], strict=False):
-            p, c = len(batch["prompts"][i]), len(batch["completions"][i])
-            index.append(start + p - 1 + np.arange(c))  # position p predicts token p + 1
-            row.append(np.full(c, i))
-            col.append(np.arange(c))
-        ids = torch.from_numpy(np.concatenate([seqs[i] for i in items]))[None]
-        rows.append(
-            {
-                "input_ids": ids.to(device),
-                "position_ids": torch.cat([torch.arange(len(seqs[i])) for i in items])[None].to(device),
-                "index": torch.from_numpy(np.concatenate(index)).to(device),
-                "row": torch.from_numpy(np.concatenate(row)).to(device),
-                "col": torch.from_numpy(np.concatenate(col)).to(device),
-                "sequences": torch.from_numpy(np.sort(items)).to(device),
-            }
-        )
-    return rows
-
-
-def packed_logprobs(
-    model: torch.nn.Module, pack: dict[str, torch.Tensor], n: int, t_max: int
-) -> torch.Tensor:
-    """[N, T] log-probs of this pack's completion tokens (zero elsewhere)."""
-    hidden, weight = hidden_states_and_head(
-        model, pack["input_ids"], pack["position_ids"], **packed_attention_kwargs(pack["position_ids"])
-    )
-    targets = pack["input_ids"][0, pack["index"] + 1]
-    logps, _ = chunked_token_logprobs(hidden[0, pack["index"]], weight, targets, TEMPERATURE, 4096)
-    out = torch.zeros(n, t_max, device=logps.device, dtype=logps.dtype)
-    return out.index_put((pack["row"], pack["col"]), logps)
-
-
-def step_posttrain_fast(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # noqa: ANN001
-    batch, device = ctx["batch"], ctx["device"]
-    n, t_max = len(batch["completions"]), ctx["completion_mask"].shape[1]
-    mask, advantages = ctx["completion_mask"], ctx["advantages"]
-    with torch.no_grad(), ctx["autocast"]():
-        ref = sum(packed_logprobs(reference, pack, n, t_max) for pack in ctx["packs"])
-    total = torch.zeros((), device=device)
-    for pack in ctx["packs"]:
-        rows = pack["sequences"]
+def step_posttrain(ctx: dict, model, reference, optimizer, layout: str) -> tuple[float, float]:  # noqa: ANN001
+    """The trainer's reference pass and policy pass (one backward per micro-batch) over ctx[layout]."""
+    tensors, batches = ctx["tensors"], ctx[layout]
+    policy, ref_policy = Policy(model), Policy(reference)
+    with ctx["autocast"]():
+        ref = frozen_logprobs(ref_policy, tensors, batches, TEMPERATURE, LOSS_CHUNK)
+    total = torch.zeros((), device=ctx["device"])
+    for micro in batches:
         with ctx["autocast"]():
-            logps = packed_logprobs(model, pack, n, t_max)[rows]
-            loss, _ = grpo_loss(
-                logps,
-                advantages[rows],
-                mask[rows],
+            loss, _ = micro_batch_loss(
+                policy,
+                tensors,
+                micro,
+                ctx["advantages"],
                 ctx["loss_cfg"],
-                ref_logps=ref[rows],
-                num_tokens_global=ctx["num_tokens"],
-                num_sequences_global=n,
+                ctx["counts"],
+                TEMPERATURE,
+                LOSS_CHUNK,
+                ref_logps=ref,
             )
         loss.backward()
         total += loss.detach()
@@ -195,49 +157,6 @@ def finish_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# posttrain, plain: today's trainer (padded rows, full logits)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def padded_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """The GRPO trainer's layout: prompt then completion, right-padded, with prompt_lens."""
-    seqs = [np.concatenate([p, c]) for p, c in zip(batch["prompts"], batch["completions"], strict=True)]
-    length = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), length), np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-    return {
-        "input_ids": torch.from_numpy(ids).to(device),
-        "prompt_lens": torch.tensor([len(p) for p in batch["prompts"]], device=device),
-        "completion_mask": padded_completion_mask(batch, device),
-    }
-
-
-def step_posttrain_plain(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # noqa: ANN001
-    tensors, n = ctx["padded"], len(ctx["batch"]["completions"])
-    slices = [slice(s, min(s + ctx["micro"], n)) for s in range(0, n, ctx["micro"])]
-    policy, ref_policy = Policy(model), Policy(reference)
-    with torch.no_grad(), ctx["autocast"]():
-        ref = torch.cat([completion_logprobs(ref_policy, tensors, rows, TEMPERATURE)[0] for rows in slices])
-    total = torch.zeros((), device=ctx["device"])
-    for rows in slices:
-        with ctx["autocast"]():
-            logps, _ = completion_logprobs(policy, tensors, rows, TEMPERATURE)
-            loss, _ = grpo_loss(
-                logps,
-                ctx["advantages"][rows],
-                tensors["completion_mask"][rows],
-                ctx["loss_cfg"],
-                ref_logps=ref[rows],
-                num_tokens_global=ctx["num_tokens"],
-                num_sequences_global=n,
-            )
-        loss.backward()
-        total += loss.detach()
-    return total, finish_step(model, optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,6 +293,13 @@ def run(name: str, ctx: dict, step_fn, attn: str, profile: bool) -> dict[str, An
     return result
 
 
+def agreement(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """Largest relative differences of the per-step losses and gradient norms of two runs."""
+    losses = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(run["losses"], reference["losses"], strict=True)]
+    norms = [abs(a - b) / b for a, b in zip(run["grad_norms"], reference["grad_norms"], strict=True)]
+    return {"loss_max_abs_rel": max(losses), "grad_norm_max_rel": max(norms)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true")
@@ -409,6 +335,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     cleanup()
     completion_mask = padded_completion_mask(batch, device)
+    tensors = padded_sequences(
+        [p.tolist() for p in batch["prompts"]], [c.tolist() for c in batch["completions"]], pad_id=0
+    )
+    tensors = {name: t.to(device) for name, t in tensors.items()}
     real_tokens = sum(len(p) + len(c) for p, c in zip(batch["prompts"], batch["completions"], strict=True))
     autocast_on = device.type == "cuda"
     ctx = {
@@ -422,13 +352,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lr": args.lr,
         "advantages": advantages.to(device),
         "completion_mask": completion_mask,
-        "num_tokens": completion_mask.sum(),
         "loss_cfg": loss_config(batch),
         "real_tokens": real_tokens,
         "flops": grpo_flops(cfg, batch),
         "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on),
-        "packs": packed_rows(batch, pack_tokens, device),
-        "padded": padded_tensors(batch, device),
+        "tensors": tensors,
+        "counts": torch.stack([completion_mask.sum(), torch.tensor(len(completion_mask), device=device)]),
+        "packs": micro_batches(tensors, args.micro, pack_tokens),
+        "padded": micro_batches(tensors, args.micro, None),
         "trl_inputs": trl_inputs(batch, pad_id=0, device=device),
     }
     slots = len(batch["prompts"]) * (max(map(len, batch["prompts"])) + int(completion_mask.shape[1]))
@@ -441,9 +372,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_tflop_per_step": ctx["flops"] / 1e12,
     }
     plan = [
-        ("posttrain_fast", step_posttrain_fast, VARLEN_ATTENTION, 30),
+        ("posttrain_fast", partial(step_posttrain, layout="packs"), VARLEN_ATTENTION, 30),
         ("trl", step_trl, "sdpa", 60),
-        ("posttrain_plain", step_posttrain_plain, "sdpa", 45),
+        ("posttrain_plain", partial(step_posttrain, layout="padded"), VARLEN_ATTENTION, 45),
     ]
     for name, step_fn, attn, needs in plan:
         results.section(
@@ -454,12 +385,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     done = {k: v for k, v in sections.items() if "step_s" in v}
     if "posttrain_fast" in done and "trl" in done:
         results.data["speedup_vs_trl"] = done["trl"]["step_s"] / done["posttrain_fast"]["step_s"]
-        diffs = [
-            abs(a - b) / max(abs(b), 1e-6)
-            for a, b in zip(done["posttrain_fast"]["losses"], done["trl"]["losses"])
-        ]
-        gn = [abs(a - b) / b for a, b in zip(done["posttrain_fast"]["grad_norms"], done["trl"]["grad_norms"])]
-        results.data["agreement_vs_trl"] = {"loss_max_abs_rel": max(diffs), "grad_norm_max_rel": max(gn)}
+        results.data["agreement_vs_trl"] = agreement(done["posttrain_fast"], done["trl"])
+    if "posttrain_fast" in done and "posttrain_plain" in done:
+        results.data["speedup_vs_plain"] = (
+            done["posttrain_plain"]["step_s"] / done["posttrain_fast"]["step_s"]
+        )
+        results.data["agreement_vs_plain"] = agreement(done["posttrain_fast"], done["posttrain_plain"])
     results.save()
     lines = [
         f"# GRPO training step ({results.data['env'].get('gpu', device)})",
@@ -480,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         else:
             lines.append(f"| {name} | {value.get('skipped') or value.get('error', '')[:100]} | | | | | |")
-    for key in ("speedup_vs_trl", "agreement_vs_trl"):
+    for key in ("speedup_vs_trl", "agreement_vs_trl", "speedup_vs_plain", "agreement_vs_plain"):
         if key in results.data:
             lines.append(f"\n**{key}**: {results.data[key]}")
     for name, value in sections.items():

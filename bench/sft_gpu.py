@@ -541,11 +541,14 @@ def start_profiler(device: torch.device) -> Any:
     return prof
 
 
-def stop_profiler(prof: Any, device: torch.device, steps: int) -> dict[str, Any]:
-    """Self GPU time per kind of kernel, by kernel name (CPU time on a CPU run), per step."""
+def stop_profiler(
+    prof: Any, device: torch.device, steps: int, kinds: list[tuple[str, re.Pattern]] = KERNEL_KINDS
+) -> dict[str, Any]:
+    """Self GPU time per kind of kernel (the first of `kinds` whose pattern matches its name; CPU time on a CPU
+    run), per step."""
     sync(device)
     prof.stop()
-    totals: dict[str, float] = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    totals: dict[str, float] = {kind: 0.0 for kind, _ in kinds} | {"other": 0.0}
     top: dict[str, float] = {}
     for event in prof.key_averages():
         if device.type == "cuda":
@@ -554,7 +557,7 @@ def stop_profiler(prof: Any, device: torch.device, steps: int) -> dict[str, Any]
             micros = event.self_device_time_total
         else:
             micros = event.self_cpu_time_total
-        kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(event.key)), "other")
+        kind = next((k for k, pattern in kinds if pattern.search(event.key)), "other")
         totals[kind] += micros
         top[event.key[:90]] = micros
     total = sum(totals.values()) or 1.0

@@ -55,7 +55,7 @@ class ModelSection(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "varlen", "flex_attention"] = Field(
         "auto",
-        description="transformers models: auto = varlen (per-sample kernels, no dense mask) on CUDA, sdpa on CPU",
+        description="auto = varlen (per-sample kernels, no dense mask) on CUDA, sdpa on CPU; posttrain's DeepSeek-V3 takes auto|varlen|sdpa",
     )
     lora: LoraSection | None = None
     mtp: MTPSection = MTPSection()
@@ -170,6 +170,22 @@ class PromptDataSection(DataSources):
     max_prompt_tokens: int | None = Field(None, gt=0)
 
 
+class SamplerPerturbation(Section):
+    """Experiments only (issue 10): rollouts come from a perturbed policy, the trainer differentiates the clean
+    one, evaluation uses the clean one. See posttrain.generation.perturbed."""
+
+    temperature_factor: float = Field(1.0, gt=0, description="the sampler's temperature is T times this")
+    weight_noise: float = Field(
+        0.0, ge=0, description="σ: the sampler's weights are W + σ·rms(W)·ε, ε redrawn at every sync"
+    )
+    logit_bias_std: float = Field(
+        0.0,
+        ge=0,
+        description="σ_b: a fixed N(0, σ_b²) offset on each vocabulary entry's logit (hf/latent backends)",
+    )
+    seed: int = 0
+
+
 class GenerationSection(Section):
     backend: Literal["auto", "hf", "latent", "vllm", "openai"] = Field(
         "auto",
@@ -183,6 +199,7 @@ class GenerationSection(Section):
     options: dict[str, Any] = Field(
         {}, description="backend constructor arguments (vllm.LLM kwargs, base_url...)"
     )
+    sampler_perturbation: SamplerPerturbation | None = None
 
 
 class RewardItem(Section):
@@ -205,6 +222,12 @@ class GRPOSection(Section):
     num_generations: int = Field(8, gt=1, description="G completions per prompt")
     num_iterations: int = Field(1, gt=0, description="μ optimisation passes per rollout batch")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    pack_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="score rollouts as packed rows of up to this many tokens (no padding); None: padded rows "
+        "of micro_batch_size sequences",
+    )
     dynamic_sampling: bool = Field(
         False, description="drop groups whose rewards are all equal, refill (DAPO)"
     )

@@ -50,8 +50,11 @@ def load_causal_lm(cfg: ModelSection) -> nn.Module:
         from posttrain.model import DeepseekV3Config, DeepseekV3ForCausalLM
 
         if config_dict is not None:
-            return DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(config_dict)).to(dtype)
-        return DeepseekV3ForCausalLM.from_pretrained(cfg.path).to(dtype)
+            model = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(config_dict))
+        else:
+            model = DeepseekV3ForCausalLM.from_pretrained(cfg.path)
+        model.set_attn_implementation(cfg.attn_implementation)  # "auto": varlen on CUDA, sdpa on CPU
+        return model.to(dtype)
     attn = _attention_implementation(cfg.attn_implementation)
     if config_dict is not None:
         config = AutoConfig.for_model(**config_dict)
@@ -116,7 +119,9 @@ class Policy(nn.Module):
         their own positions. `hidden_only` returns the final hidden states and the head's weight instead, for
         losses that never build the [tokens, vocab] logits (posttrain.fast.chunked_loss)."""
         if self.is_posttrain_model:
-            out = self.model(input_ids, position_ids=position_ids, return_mtp=with_mtp)
+            out = self.model(
+                input_ids, position_ids=position_ids, return_mtp=with_mtp, return_logits=not hidden_only
+            )
             mtp_logits = list(out.mtp_logits or []) if with_mtp else []
             if hidden_only:
                 return LMOutput(None, mtp_logits, out.aux_loss, out.hidden_states, self.model.lm_head.weight)

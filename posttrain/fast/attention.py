@@ -11,11 +11,13 @@ unless position_ids[j] = position_ids[j − 1] + 1 in the same row.
 
 Use: `register_varlen_attention()` once, then load the model with `attn_implementation=VARLEN_ATTENTION` and
 call it with `**packed_attention_kwargs(position_ids)` (computed once per forward, not once per layer).
+posttrain's own DeepSeek-V3 calls `packed_attention` directly with `PackedSamples`.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +46,18 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
+@dataclass(frozen=True)
+class PackedSamples:
+    """The samples of packed rows as varlen kernels see them: offsets into the flattened B·S tokens, the longest."""
+
+    cu_seqlens: torch.Tensor
+    longest: int
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> PackedSamples:
+        return cls(*cu_seqlens_from_position_ids(position_ids))
+
+
 def packed_attention_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
     """Keyword arguments for a transformers model's forward (the names its flash-attention path reads too)."""
     cu_seqlens, longest = cu_seqlens_from_position_ids(position_ids)
@@ -55,10 +69,23 @@ def packed_attention_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int, scale: float
+) -> torch.Tensor:
+    """Causal attention within each packed sample over the flattened tokens: q [T, H, D], k [T, H_kv, D],
+    v [T, H_kv, D_v] (D_v may differ from D, as in MLA) -> [T, H, D_v]. On CUDA in half precision (or under
+    autocast) FlashAttention's varlen kernel; otherwise SDPA on each sample in turn (exact, for CPU)."""
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
+    if q.is_cuda and dtype in (torch.float16, torch.bfloat16):
+        return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens, longest, scale)
+    return _per_sample_sdpa(q, k.to(q.dtype), v.to(q.dtype), cu_seqlens, scale)
+
+
 def _per_sample_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         sample = [x[start:end].transpose(0, 1) for x in (q, k, v)]  # [H, L, D]
@@ -72,6 +99,13 @@ def _flash_varlen(
 ) -> torch.Tensor:
     if varlen_attn is None:
         raise RuntimeError(f"{VARLEN_ATTENTION} on CUDA needs torch.nn.attention.varlen (torch >= 2.10)")
+    # The kernel takes one head dim for q, k and v. A narrower v (MLA: 128 vs q/k's 192) gets zero columns, which
+    # give zero output columns, sliced off again: exact, gradients included.
+    value_dim = v.shape[-1]
+    if value_dim > q.shape[-1]:
+        raise ValueError(f"value head dim {value_dim} exceeds the query/key head dim {q.shape[-1]}")
+    if value_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - value_dim))
     kwargs: dict[str, Any] = {}
     # torch 2.10/2.11 take `is_causal` and equal head counts; later releases a (left, right) window, a scale
     # and grouped KV heads.
@@ -88,7 +122,8 @@ def _flash_varlen(
         kwargs["scale"] = scale
     elif scale != q.shape[-1] ** -0.5:
         q = q * (scale * q.shape[-1] ** 0.5)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **kwargs)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **kwargs)
+    return out[..., :value_dim] if value_dim < out.shape[-1] else out
 
 
 def varlen_attention(
@@ -101,7 +136,8 @@ def varlen_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function contract: q [B, H, S, D], k/v [B, H_kv, S, D] -> ([B, S, H, D], None)."""
+    """transformers' attention-function contract: q/k [B, H(_kv), S, D], v [B, H_kv, S, D_v] -> ([B, S, H, D_v],
+    None)."""
     if attention_mask is not None:
         raise ValueError(
             f"{VARLEN_ATTENTION} attends within packed samples; pass position_ids, not attention_mask"
@@ -115,14 +151,9 @@ def varlen_attention(
         cu_seqlens, longest = cu_seqlens_from_position_ids(kwargs["position_ids"])
     batch, heads, seq, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
-    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim) for x in (query, key, value))
-    device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
-    if q.is_cuda and dtype in (torch.float16, torch.bfloat16):
-        out = _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens, longest, scale)
-    else:
-        out = _per_sample_sdpa(q, k.to(q.dtype), v.to(q.dtype), cu_seqlens, scale)
-    return out.reshape(batch, seq, heads, dim), None
+    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[-1]) for x in (query, key, value))
+    out = packed_attention(q, k, v, cu_seqlens, longest, scale)
+    return out.reshape(batch, seq, heads, out.shape[-1]), None
 
 
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:

@@ -10,7 +10,8 @@ Checkpoint names (transformers): kv_a_proj_with_mqa = [W_DKV ; W_KR], kv_a_layer
 kv_b_proj = [W_UK ; W_UV] interleaved per head, q_a_proj = W_DQ, q_a_layernorm, q_b_proj = [W_UQ ; W_QR].
 
 Two ways to attend, same numbers:
-- training (`forward`): expand K/V for every head and call any attention kernel (SDPA), which honours the
+- training (`forward`): expand K/V for every head and call an attention kernel: FlashAttention's varlen kernel
+  over the packed samples' offsets (`PackedSamples`, no mask; the CUDA default), or SDPA under the dense
   block-diagonal mask of packed samples;
 - decoding (`forward_absorbed`): cache only c_KV and k^R (d_c + d_h^R = 576 numbers per token per layer at V3
   sizes) and attend in latent space: q^C_i W_UK is folded into the query (q_lat = W_UK^T q^C, so
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.fast.attention import PackedSamples, packed_attention
 from posttrain.model.config import DeepseekV3Config
 from posttrain.model.layers import RMSNorm, dense_weight, make_linear
 from posttrain.model.rope import apply_rope
@@ -145,11 +147,12 @@ class MultiHeadLatentAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | PackedSamples | None,
         cache: CacheStep | None = None,
     ) -> torch.Tensor:
-        """Training/prefill path: per-head K/V (Eq. 2, 4, 5) and one SDPA call. `mask` [B, 1, L, L] bool or None
-        (plain causal). With `cache`, the step's latents are also written to it (prefill)."""
+        """Training/prefill path: per-head K/V (Eq. 2, 4, 5) and one attention call. `mask`: PackedSamples (varlen
+        attention within each sample), a [B, 1, L, L] bool mask for SDPA, or None (plain causal). With `cache`,
+        the step's latents are also written to it (prefill)."""
         batch, length, _ = x.shape
         q_nope, q_rope = self._queries(x, cos, sin)
         c_kv, k_rope = self._latents(x, cos, sin)
@@ -159,6 +162,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)
+        if isinstance(mask, PackedSamples):
+            # The YaRN-scaled softmax scale goes in explicitly: kernels default to 1/sqrt(d_h + d_h^R).
+            q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # [B*L, H, d]: samples are row segments
+            out = packed_attention(q, k, v, mask.cu_seqlens, mask.longest, self.softmax_scale)
+            return self.o_proj(out.reshape(batch, length, self.num_heads * self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),

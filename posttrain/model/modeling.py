@@ -3,8 +3,13 @@ modules. Parameter names are transformers' (`model.layers.3.self_attn.kv_b_proj.
 maps the few that differ in files (stacked experts, MTP layers) and reads/writes HF safetensors shards.
 
 Training: `model(input_ids, position_ids, return_mtp=True)`; rows may hold packed samples, delimited by
-restarting position_ids (block-diagonal causal attention). Decoding: `decode_step` with a `LatentKVCache`
-(absorbed MLA), or the helpers `generate_greedy` / `generate_speculative` (decoding.py).
+restarting position_ids (block-diagonal causal attention). `attn_implementation` picks how the blocks attend:
+"varlen" (per-sample kernels over cumulative sequence lengths, no [L, L] mask: FlashAttention's varlen kernel
+on CUDA, SDPA sample by sample elsewhere), "sdpa" (one SDPA call under a dense block-diagonal mask) or "auto"
+(varlen on CUDA, sdpa on CPU), as the recipe's `model.attn_implementation` does for transformers models.
+
+Decoding: `decode_step` with a `LatentKVCache` (absorbed MLA), or the helpers `generate_greedy` /
+`generate_speculative` (decoding.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.fast.attention import PackedSamples
 from posttrain.model.block import DecoderLayer
 from posttrain.model.config import DeepseekV3Config
 from posttrain.model.layers import RMSNorm, packed_causal_mask, sample_ids
@@ -28,11 +34,11 @@ from posttrain.model.rope import RotaryEmbedding
 
 @dataclass
 class CausalLMOutput:
-    """logits [B, L, V]; mtp_logits[k-1] [B, L-k, V] (position i predicts token i+1+k) when asked for;
+    """logits [B, L, V] (None with return_logits=False); mtp_logits[k-1] [B, L-k, V] (position i predicts token i+1+k) when asked for;
     hidden_states [B, L, D] after the final norm; aux_loss: summed sequence-wise balance loss of all MoE layers
     (None unless training with aux_loss_alpha > 0); cache: the prefilled LatentKVCache when use_cache."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     mtp_logits: list[torch.Tensor] | None = None
     hidden_states: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -52,6 +58,9 @@ class DeepseekV3Model(nn.Module):
         )
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "varlen")
+
+
 def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """Plain first forward; the recomputation in backward must not count expert loads again."""
     return contextlib.nullcontext(), recomputing()
@@ -62,9 +71,12 @@ def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor 
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    def __init__(self, config: DeepseekV3Config, init_weights: bool = True) -> None:
+    def __init__(
+        self, config: DeepseekV3Config, init_weights: bool = True, attn_implementation: str = "auto"
+    ) -> None:
         super().__init__()
         self.config = config
+        self.set_attn_implementation(attn_implementation)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -72,6 +84,25 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         if init_weights:
             self.init_weights()
+
+    def set_attn_implementation(self, name: str) -> None:
+        """One of "auto" (varlen on CUDA, sdpa elsewhere), "varlen", "sdpa"; see the module docstring."""
+        if name not in ATTN_IMPLEMENTATIONS:
+            choices = ", ".join(ATTN_IMPLEMENTATIONS)
+            raise ValueError(f"attn_implementation={name!r}: posttrain's DeepSeek-V3 supports {choices}")
+        self.attn_implementation = name
+
+    def attention_layout(
+        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | PackedSamples | None:
+        """How the blocks attend over rows with these positions: PackedSamples for varlen attention, else a dense
+        [B, 1, L, L] mask or None (plain causal) for SDPA. A padding mask with zeros always takes the dense path."""
+        varlen = self.attn_implementation == "varlen" or (
+            self.attn_implementation == "auto" and position_ids.is_cuda
+        )
+        if varlen and (attention_mask is None or bool(attention_mask.all())):
+            return PackedSamples.from_position_ids(position_ids)
+        return packed_causal_mask(position_ids, attention_mask)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each block's activations in the backward pass (training forwards only)."""
@@ -115,10 +146,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = False,
         return_mtp: bool = False,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, L]. position_ids [B, L] may restart inside a row (packed samples: each token attends only
         to earlier tokens of its own sample). attention_mask [B, L] (1 = token, 0 = padding) is optional.
-        use_cache returns the prompt's latent cache for `decode_step` (one unpadded sample per row)."""
+        use_cache returns the prompt's latent cache for `decode_step` (one unpadded sample per row). Attention
+        follows `attn_implementation` (see `attention_layout`). return_logits=False skips the output head (a
+        loss fused with the head reads `hidden_states`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         for name, extra in (("position_ids", position_ids), ("attention_mask", attention_mask)):
@@ -127,10 +161,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         batch, length = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, -1)
-        mask = packed_causal_mask(position_ids, attention_mask)
-        if use_cache and mask is not None:
-            raise ValueError("use_cache needs one unpadded sample per row (no attention_mask, no packing)")
         ids = sample_ids(position_ids)
+        if use_cache and (attention_mask is not None or bool((ids[:, -1] > 0).any())):
+            raise ValueError("use_cache needs one unpadded sample per row (no attention_mask, no packing)")
+        mask = self.attention_layout(position_ids, attention_mask)
         rope = self.model.rotary_emb(position_ids)
         cache = self.new_cache(batch, capacity=length) if use_cache else None
 
@@ -143,7 +177,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         if cache is not None:
             cache.lengths += length
         h = self.model.norm(h)
-        out = CausalLMOutput(logits=self.lm_head(h), hidden_states=h, cache=cache)
+        out = CausalLMOutput(logits=self.lm_head(h) if return_logits else None, hidden_states=h, cache=cache)
         if return_mtp and len(self.model.mtp_layers):
             out.mtp_logits, mtp_aux = self._mtp_forward(h, input_ids, position_ids, attention_mask)
             aux_loss = _add(aux_loss, mtp_aux)
@@ -169,7 +203,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             pad = attention_mask[:, :n] if attention_mask is not None else None
             x = layer.combine(h_prev[:, :n], self.model.embed_tokens(input_ids[:, k:]))
             x, aux = self._block(
-                layer, x, self.model.rotary_emb(pos), packed_causal_mask(pos, pad), sample_ids(pos)
+                layer, x, self.model.rotary_emb(pos), self.attention_layout(pos, pad), sample_ids(pos)
             )
             logits.append(self.lm_head(layer.shared_head.norm(x)))
             aux_loss, h_prev = _add(aux_loss, aux), x

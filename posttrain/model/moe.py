@@ -99,6 +99,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     `torch._grouped_mm` runs on CUDA in bf16 and on CPU (torch >= 2.9); elsewhere a loop over experts (never
     over tokens) gives the same result.
     """
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return expert_loop_linear(x, weight, offsets)

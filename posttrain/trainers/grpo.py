@@ -34,9 +34,11 @@ from posttrain.algorithms.grpo import (
     zero_variance_groups,
 )
 from posttrain.config import GenerationSection, GRPORecipe
+from posttrain.data.packing import plan_packs
 from posttrain.data.prompts import PromptSet, load_prompts
 from posttrain.fast.chunked_loss import chunked_token_logprobs
 from posttrain.generation.base import Backend, Completion, SamplingParams, build_backend
+from posttrain.generation.perturbed import PerturbedSampler
 from posttrain.policy import Policy, build_policy, load_tokenizer
 from posttrain.report import write_report
 from posttrain.trainers.loop import (
@@ -59,6 +61,7 @@ GRPO_REPORT_PANELS = [
     "kl",
     ("completion_length/mean", "completion_length/max"),
     ("gap/mean_abs", "gap/max_abs"),
+    ("tis/weight_mean", "tis/capped_frac", "off_policy/masked_frac"),
     ("clip_ratio/low_mean", "clip_ratio/high_mean"),
     "frac_zero_variance_groups",
     "entropy",
@@ -76,10 +79,17 @@ class RolloutBatch:
     failures: int
 
 
-def make_backend(cfg: GenerationSection, policy: Policy, tokenizer: Any, out: Path) -> Backend:
-    """The rollout engine. `hf` and `latent` generate with the trainer's own module (no copy, nothing to sync);
-    `vllm` starts from a snapshot of the initial policy and receives new weights after every step."""
+def make_backend(
+    cfg: GenerationSection,
+    policy: Policy,
+    tokenizer: Any,
+    out: Path,
+    module: torch.nn.Module | None = None,
+) -> Backend:
+    """The rollout engine over `module` (default: the policy's own). `hf` and `latent` generate with that module
+    (no copy, nothing to sync); `vllm` starts from a snapshot of it and receives new weights after every step."""
     kind = cfg.backend
+    module = _hf_module(policy) if module is None else module
     if kind == "auto":
         kind = "latent" if policy.is_posttrain_model else "hf"
     if kind == "latent":
@@ -87,12 +97,12 @@ def make_backend(cfg: GenerationSection, policy: Policy, tokenizer: Any, out: Pa
             raise ValueError("generation.backend=latent needs posttrain's DeepSeek-V3 (model.implementation)")
         from posttrain.generation.latent import LatentCacheBackend
 
-        return LatentCacheBackend(_hf_module(policy), tokenizer, **cfg.options)
+        return LatentCacheBackend(module, tokenizer, **cfg.options)
     if kind == "hf":
-        return build_backend("hf", model=_hf_module(policy), tokenizer=tokenizer, **cfg.options)
+        return build_backend("hf", model=module, tokenizer=tokenizer, **cfg.options)
     if kind == "vllm":
         snapshot = out / "rollout_init"
-        _hf_module(policy).save_pretrained(snapshot)
+        module.save_pretrained(snapshot)
         tokenizer.save_pretrained(snapshot)
         return build_backend("vllm", model_path=str(snapshot), seed=cfg.seed, **cfg.options)
     return build_backend("openai", **cfg.options)
@@ -179,84 +189,208 @@ def collect_rollouts(
     return RolloutBatch(expanded, completions, rewards, per_function, failures), stats
 
 
-def completion_tensors(batch: RolloutBatch, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded [B, L] sequences (prompt ‖ completion) and the completion's place in them."""
-    rows = [p + c.token_ids for p, c in zip(batch.prompts.prompt_ids, batch.completions, strict=True)]
-    width = max(len(r) for r in rows)
-    t_max = max(1, max(len(c.token_ids) for c in batch.completions))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    sampler = torch.zeros(len(rows), t_max)
-    mask = torch.zeros(len(rows), t_max, dtype=torch.bool)
-    for i, (row, completion) in enumerate(zip(rows, batch.completions, strict=True)):
+def padded_sequences(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded [N, L] sequences (prompt ‖ completion), the prompts' lengths and the [N, T_max] completion
+    mask: the layout of every per-token tensor of a step, whichever way its rows are fed to the model."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), max(1, max(len(c) for c in completion_ids)), dtype=torch.bool)
+    for i, (row, completion) in enumerate(zip(rows, completion_ids, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
-        n = len(completion.token_ids)
-        mask[i, :n] = True
-        sampler[i, :n] = torch.tensor(completion.logprobs[:n], dtype=torch.float32)
-    prompt_lens = torch.tensor([len(p) for p in batch.prompts.prompt_ids])
-    truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions])
-    tensors = {
+        mask[i, : len(completion)] = True
+    return {
         "input_ids": ids,
-        "prompt_lens": prompt_lens,
+        "prompt_lens": torch.tensor([len(p) for p in prompt_ids]),
         "completion_mask": mask,
-        "sampler_logps": sampler,
-        "is_truncated": truncated,
     }
+
+
+def completion_tensors(batch: RolloutBatch, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`padded_sequences` of the rollouts, with the sampler's log-probs and which completions hit max_tokens."""
+    completion_ids = [c.token_ids for c in batch.completions]
+    tensors = padded_sequences(batch.prompts.prompt_ids, completion_ids, pad_id)
+    sampler = torch.zeros(tensors["completion_mask"].shape)
+    for i, completion in enumerate(batch.completions):
+        n = len(completion.token_ids)
+        sampler[i, :n] = torch.tensor(completion.logprobs[:n], dtype=torch.float32)
+    tensors["sampler_logps"] = sampler
+    tensors["is_truncated"] = torch.tensor([c.finish_reason == "length" for c in batch.completions])
     return {k: v.to(device) for k, v in tensors.items()}
+
+
+@dataclass
+class MicroBatch:
+    """One forward (and backward) of the trainer: some of the step's sequences, and where their completion
+    tokens are predicted.
+
+    sequences [b]: which rows of the step's [N, ...] tensors it scores, ascending.
+    input_ids, position_ids [R, S]: the model's input; R = b right-padded rows, or one packed row whose position
+        ids restart at 0 at every sequence (so each sequence attends to itself only).
+    predictors [n]: flat positions in the R × S input whose next token is a completion token, in the order of
+        completion_mask[sequences].nonzero() (sequence by sequence, token by token).
+    """
+
+    sequences: torch.Tensor
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    predictors: torch.Tensor
+
+
+def _predictors(
+    tensors: dict[str, torch.Tensor], sequences: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
+    """Position p predicts token p + 1: completion token t of a sequence starting at `start` sits at
+    start + prompt_len + t, so it is predicted at start + prompt_len + t − 1."""
+    k, t = tensors["completion_mask"][sequences].nonzero(as_tuple=True)
+    return starts[k] + tensors["prompt_lens"][sequences][k] - 1 + t
+
+
+def padded_micro_batch(tensors: dict[str, torch.Tensor], rows: slice) -> MicroBatch:
+    """Sequences rows.start.. rows.stop as right-padded rows of the step's width."""
+    ids = tensors["input_ids"][rows]
+    sequences = torch.arange(len(tensors["input_ids"]), device=ids.device)[rows]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    starts = torch.arange(len(ids), device=ids.device) * ids.shape[1]
+    return MicroBatch(sequences, ids, positions, _predictors(tensors, sequences, starts))
+
+
+def packed_micro_batches(tensors: dict[str, torch.Tensor], pack_tokens: int) -> list[MicroBatch]:
+    """The step's sequences binned into rows of at most `pack_tokens` tokens (exact best-fit-decreasing,
+    posttrain.data.packing), without padding: one row per micro-batch."""
+    ids = tensors["input_ids"]
+    lengths = (tensors["prompt_lens"] + tensors["completion_mask"].sum(1)).cpu()
+    longest = int(lengths.argmax())
+    if lengths[longest] > pack_tokens:
+        raise ValueError(
+            f"grpo.pack_tokens={pack_tokens} is shorter than sequence {longest} (prompt + completion: "
+            f"{int(lengths[longest])} tokens); raise it to at least data.max_prompt_tokens + generation.max_tokens"
+        )
+    plan = plan_packs(lengths.numpy(), pack_tokens)
+    batches = []
+    for b in range(plan.n_bins):
+        sequences = torch.from_numpy(np.sort(plan.bin(b)))
+        sizes = lengths[sequences]
+        starts = torch.cumsum(sizes, 0) - sizes
+        # the sequences' tokens, read from their padded rows by one gather
+        flat = torch.cat([i * ids.shape[1] + torch.arange(n) for i, n in zip(sequences, sizes, strict=True)])
+        positions = torch.cat([torch.arange(n) for n in sizes])
+        sequences, starts = sequences.to(ids.device), starts.to(ids.device)
+        batches.append(
+            MicroBatch(
+                sequences,
+                ids.flatten()[flat.to(ids.device)][None],
+                positions.to(ids.device)[None],
+                _predictors(tensors, sequences, starts),
+            )
+        )
+    return batches
+
+
+def micro_batches(
+    tensors: dict[str, torch.Tensor], micro_batch_size: int, pack_tokens: int | None
+) -> list[MicroBatch]:
+    """The step's forwards: packed rows of up to `pack_tokens` tokens, or (None) `micro_batch_size` padded rows."""
+    if pack_tokens is not None:
+        return packed_micro_batches(tensors, pack_tokens)
+    n = len(tensors["input_ids"])
+    return [
+        padded_micro_batch(tensors, slice(s, s + micro_batch_size)) for s in range(0, n, micro_batch_size)
+    ]
 
 
 def completion_logprobs(
     model: torch.nn.Module,
     tensors: dict[str, torch.Tensor],
-    rows: slice,
+    micro: MicroBatch | slice,
     temperature: float,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(z_t / T)[y_t] of every completion token, [b, T_max], and the per-token entropy.
+    """log softmax(z_t / T)[y_t] of every completion token of the micro-batch's sequences, [b, T_max], and the
+    per-token entropy (zero past each completion's end). A slice of sequences is scored as padded rows.
 
     The same definition as every generation backend (posttrain.generation.base), so the trainer's π_old and the
-    sampler's log-probs are directly comparable. With `chunk_size` the output head and the log-softmax run per
-    chunk of completion positions (posttrain.fast.chunked_loss): no [b, T, vocab] logits are kept.
+    sampler's log-probs are directly comparable. Only the positions that predict a completion token go through
+    the output head; with `chunk_size` the head and the log-softmax run per chunk of them
+    (posttrain.fast.chunked_loss): no [tokens, vocab] logits are kept.
     """
-    ids = tensors["input_ids"][rows]
-    prompt_lens = tensors["prompt_lens"][rows]
-    t_max = tensors["completion_mask"].shape[1]
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    # Position p predicts token p + 1: completion token t sits at prompt_len + t, predicted at prompt_len + t − 1.
-    index = (prompt_lens[:, None] - 1 + torch.arange(t_max, device=ids.device)[None, :]).clamp(
-        max=ids.shape[1] - 2
-    )
-    targets = ids.gather(1, index + 1)
+    if isinstance(micro, slice):
+        micro = padded_micro_batch(tensors, micro)
+    ids, width = micro.input_ids, micro.input_ids.shape[1]
+    targets = ids.flatten()[micro.predictors + 1]
     if chunk_size:
-        out = model(ids, positions, hidden_only=True)
-        hidden = out.hidden.gather(1, index[..., None].expand(-1, -1, out.hidden.shape[-1]))
-        logps, entropy = chunked_token_logprobs(
-            hidden.flatten(0, 1), out.head_weight, targets.flatten(), temperature, chunk_size
-        )
-        return logps.view_as(targets), entropy.view_as(targets)
-    first = int(prompt_lens.min()) - 1  # logits only from the first position that predicts a completion token
-    logits = model(ids, positions, logits_from=first).logits
-    picked = (
-        logits.gather(1, (index - first)[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
-    )
-    log_probs = F.log_softmax(picked, dim=-1)
-    token_logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return token_logps, entropy
+        out = model(ids, micro.position_ids, hidden_only=True)
+        hidden = out.hidden.flatten(0, 1)[micro.predictors]
+        logps, entropy = chunked_token_logprobs(hidden, out.head_weight, targets, temperature, chunk_size)
+    else:
+        first = int((micro.predictors % width).min()) if len(micro.predictors) else 0
+        logits = model(ids, micro.position_ids, logits_from=first).logits  # positions first.. of every row
+        picked = logits[micro.predictors // width, micro.predictors % width - first].float() / temperature
+        log_probs = F.log_softmax(picked, dim=-1)
+        logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    mask = tensors["completion_mask"][micro.sequences]
+    return _scatter(mask, logps), _scatter(mask, entropy)
 
 
-def _micro_slices(n: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values [mask.sum()] placed where mask is True (row-major), zero elsewhere; differentiable."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 @torch.no_grad()
 def frozen_logprobs(
-    model: torch.nn.Module, tensors: dict, size: int, temperature: float, chunk_size: int | None = None
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    batches: list[MicroBatch],
+    temperature: float,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    parts = [
-        completion_logprobs(model, tensors, rows, temperature, chunk_size)[0]
-        for rows in _micro_slices(len(tensors["input_ids"]), size)
-    ]
-    return torch.cat(parts)
+    """[N, T_max] completion log-probs of a model that is not trained in this pass (π_old, the reference)."""
+    logps = torch.zeros(tensors["completion_mask"].shape, device=tensors["completion_mask"].device)
+    for micro in batches:
+        logps[micro.sequences] = completion_logprobs(model, tensors, micro, temperature, chunk_size)[0]
+    return logps
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    micro: MicroBatch,
+    advantages: torch.Tensor,
+    loss_cfg: GRPOLossConfig,
+    counts: torch.Tensor,
+    temperature: float,
+    chunk_size: int | None = None,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    reward_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`grpo_loss` of one micro-batch (its share of the step's loss, normalised by the global token and sequence
+    `counts`, so summing over micro-batches gives the step's loss) and its metrics, with the mean entropy.
+
+    advantages, old_logps, ref_logps, reward_valid and the tensors are the step's [N, ...] ones; the sampler's
+    log-probs and the truncation flags are used when `tensors` holds them.
+    """
+    rows = micro.sequences
+    logps, entropy = completion_logprobs(model, tensors, micro, temperature, chunk_size)
+    completion_mask = tensors["completion_mask"][rows]
+    loss, metrics = grpo_loss(
+        logps,
+        advantages[rows],
+        completion_mask,
+        loss_cfg,
+        old_logps=None if old_logps is None else old_logps[rows],
+        ref_logps=None if ref_logps is None else ref_logps[rows],
+        sampler_logps=tensors["sampler_logps"][rows] if "sampler_logps" in tensors else None,
+        reward_valid=None if reward_valid is None else reward_valid[rows],
+        is_truncated=tensors["is_truncated"][rows] if "is_truncated" in tensors else None,
+        num_tokens_global=counts[0],
+        num_sequences_global=counts[1],
+    )
+    metrics["entropy"] = (entropy.detach() * completion_mask).sum() / completion_mask.sum().clamp(min=1)
+    return loss, metrics
 
 
 def evaluate(backend: Backend, runner: Any, prompts: PromptSet, recipe: GRPORecipe) -> dict[str, float]:
@@ -299,6 +433,13 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         eval_prompts = eval_prompts.select(list(range(min(recipe.eval.max_prompts, len(eval_prompts)))))
 
     grpo = recipe.grpo
+    if grpo.pack_tokens is not None:  # fail now, not at the first long rollout
+        longest = max((len(ids) for ids in prompts.prompt_ids), default=0) + recipe.generation.max_tokens
+        if longest > grpo.pack_tokens:
+            raise ValueError(
+                f"grpo.pack_tokens={grpo.pack_tokens} cannot hold the longest prompt of {data.train} plus "
+                f"generation.max_tokens={recipe.generation.max_tokens} ({longest} tokens); raise it to {longest}"
+            )
     world, rank = accelerator.num_processes, accelerator.process_index
     if grpo.prompts_per_step % world:
         raise ValueError(
@@ -325,13 +466,24 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         if reference is not None and state.get("reference_refreshed_at"):
             reference.load_state_dict(unwrapped.state_dict())
     backend = make_backend(recipe.generation, unwrapped, tokenizer, out)
+    eval_backend = backend
+    if (perturbation := recipe.generation.sampler_perturbation) is not None:
+        backend = PerturbedSampler(
+            eval_backend,
+            _hf_module(unwrapped),
+            lambda noisy: make_backend(recipe.generation, unwrapped, tokenizer, out / "perturbed", noisy),
+            perturbation.temperature_factor,
+            perturbation.weight_noise,
+            perturbation.logit_bias_std,
+            perturbation.seed,
+        )
     if start_step:
         backend.sync_weights(_hf_module(unwrapped))
     runner = make_reward_runner(recipe.rewards)
     progress = Progress(accelerator, out, recipe.logging, total_steps, start_step)
 
     if eval_prompts is not None and start_step == 0 and accelerator.is_main_process:
-        progress.metrics.write(0, evaluate(backend, runner, eval_prompts, recipe))
+        progress.metrics.write(0, evaluate(eval_backend, runner, eval_prompts, recipe))
 
     reference_refreshed_at = 0
     for step in range(start_step, total_steps):
@@ -351,19 +503,16 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         advantages, valid = group_advantages(batch.rewards, grpo.num_generations, loss_cfg.scale_rewards)
         advantages, valid = advantages.float().to(accelerator.device), valid.to(accelerator.device)
 
+        batches = micro_batches(tensors, grpo.micro_batch_size, grpo.pack_tokens)
         needs_old = grpo.num_iterations > 1 or loss_cfg.off_policy_mask_threshold is not None
         with accelerator.autocast():
-            old_logps = (
-                frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature, chunk)
-                if needs_old
-                else None
-            )
+            old_logps = frozen_logprobs(model, tensors, batches, temperature, chunk) if needs_old else None
             ref_logps = None
             if reference is not None:
-                ref_logps = frozen_logprobs(reference, tensors, grpo.micro_batch_size, temperature, chunk)
+                ref_logps = frozen_logprobs(reference, tensors, batches, temperature, chunk)
             elif loss_cfg.beta > 0:  # LoRA: the base model is the policy with its adapters switched off
                 with unwrapped.model.disable_adapter():
-                    ref_logps = frozen_logprobs(model, tensors, grpo.micro_batch_size, temperature, chunk)
+                    ref_logps = frozen_logprobs(model, tensors, batches, temperature, chunk)
         mask, _ = loss_token_mask(
             tensors["completion_mask"],
             loss_cfg,
@@ -380,36 +529,28 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         model.train()
         pass_metrics: list[dict[str, float]] = []
         for _ in range(grpo.num_iterations):
-            slices = _micro_slices(len(mask), grpo.micro_batch_size)
-            sums: dict[str, float] = {}
-            for j, rows in enumerate(slices):
-                sync = nullcontext() if j == len(slices) - 1 else accelerator.no_sync(model)
+            sums: dict[str, float] = {"loss": 0.0}
+            for j, micro in enumerate(batches):
+                sync = nullcontext() if j == len(batches) - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
-                    logps, entropy = completion_logprobs(model, tensors, rows, temperature, chunk)
-                    loss, metrics = grpo_loss(
-                        logps,
-                        advantages[rows],
-                        tensors["completion_mask"][rows],
+                    loss, metrics = micro_batch_loss(
+                        model,
+                        tensors,
+                        micro,
+                        advantages,
                         loss_cfg,
-                        old_logps=None if old_logps is None else old_logps[rows],
-                        ref_logps=None if ref_logps is None else ref_logps[rows],
-                        sampler_logps=tensors["sampler_logps"][rows],
-                        reward_valid=valid[rows],
-                        is_truncated=tensors["is_truncated"][rows],
-                        num_tokens_global=counts[0],
-                        num_sequences_global=counts[1],
+                        counts,
+                        temperature,
+                        chunk,
+                        old_logps=old_logps,
+                        ref_logps=ref_logps,
+                        reward_valid=valid,
                     )
                     accelerator.backward(loss * world)
-                weight = (rows.stop - rows.start) / len(mask)  # metrics are micro-batch means
-                sums["loss"] = sums.get("loss", 0.0) + float(
-                    loss.detach()
-                )  # already a share of the global loss
+                sums["loss"] += float(loss.detach())  # already a share of the global loss
+                weight = len(micro.sequences) / len(mask)  # metrics are micro-batch means
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * weight
-                ent = (entropy.detach() * tensors["completion_mask"][rows]).sum() / tensors[
-                    "completion_mask"
-                ][rows].sum().clamp(min=1)
-                sums["entropy"] = sums.get("entropy", 0.0) + float(ent) * weight
             if recipe.train.max_grad_norm is not None:
                 sums["grad_norm"] = float(
                     accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
@@ -437,7 +578,7 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
             and done % recipe.eval.every == 0
             and accelerator.is_main_process
         ):
-            values.update(evaluate(backend, runner, eval_prompts, recipe))
+            values.update(evaluate(eval_backend, runner, eval_prompts, recipe))
         progress.step(
             done,
             values,
@@ -447,12 +588,14 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
             checkpointer.save(done, {"reference_refreshed_at": reference_refreshed_at})
 
     if eval_prompts is not None and accelerator.is_main_process:
-        final = evaluate(backend, runner, eval_prompts, recipe)
+        final = evaluate(eval_backend, runner, eval_prompts, recipe)
         progress.metrics.write(total_steps, final)
         log.info("held-out after GRPO: %s", final)
     progress.close()
     runner.close()
     backend.close()
+    if eval_backend is not backend:
+        eval_backend.close()
     model_dir = out / "model"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -196,3 +196,24 @@ def test_routing_state_keeps_its_precision_in_a_bf16_model():
     assert moe.gate.e_score_correction_bias[0].item() == pytest.approx(0.499, abs=1e-7)  # lost in bf16
     moe.train()(torch.randn(1, 5, moe.config.hidden_size, dtype=torch.bfloat16))
     assert moe.expert_load.sum() == 5 * moe.config.num_experts_per_tok
+
+
+def test_grouped_linear_follows_autocast_like_a_matmul():
+    """Under autocast (fp32 master weights, bf16 compute) the experts must run as the bf16 grouped GEMM, like every
+    other linear layer, not as float32 (on CUDA that fell back to one matmul per expert)."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(40, 32, generator=g), torch.randn(4, 24, 32, generator=g)
+    offsets = torch.tensor([10, 10, 25, 40], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grouped_linear(x, weight, offsets)
+        reference = torch.cat(
+            [x[a:b] @ weight[e].T for e, (a, b) in enumerate([(0, 10), (10, 10), (10, 25), (25, 40)])]
+        )
+    assert out.dtype == reference.dtype == torch.bfloat16
+    exact = torch.cat(
+        [
+            x[a:b].double() @ weight[e].double().T
+            for e, (a, b) in enumerate([(0, 10), (10, 10), (10, 25), (25, 40)])
+        ]
+    )
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2

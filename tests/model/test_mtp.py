@@ -41,10 +41,12 @@ def test_mtp_module_k_reads_the_token_k_ahead_and_nothing_later():
     changed[0, 6] = (ids[0, 6] + 1) % 96
     with torch.no_grad():
         a, b = model(ids, return_mtp=True), model(changed, return_mtp=True)
+    # Not bit-exact: the grouped expert GEMM's blocking depends on how many rows each expert gets, and changing
+    # t_6 re-routes later tokens. Rounding stays below 1e-5; reading t_6 moves a logit by far more.
     delta = (a.mtp_logits[0] - b.mtp_logits[0]).abs().amax(-1)[0]
-    assert delta[:5].max() == 0 and delta[5] > 0  # position 5 embeds t_6; earlier positions never see it
+    assert delta[:5].max() < 1e-5 and delta[5] > 1e-3  # position 5 embeds t_6; earlier positions never see it
     main_delta = (a.logits - b.logits).abs().amax(-1)[0]
-    assert main_delta[:6].max() == 0 and main_delta[6] > 0
+    assert main_delta[:6].max() < 1e-5 and main_delta[6] > 1e-3
 
 
 def test_mtp_loss_drops_targets_across_sample_boundaries():
