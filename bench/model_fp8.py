@@ -120,7 +120,10 @@ def check_fp8_linear() -> None:
         "dW": rel_err(gpu.weight.grad, cpu.weight.grad),
         "db": rel_err(gpu.bias.grad, cpu.bias.grad),
     }
-    print("FP8Linear GPU (cuBLAS/Triton) vs CPU (reference):", ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    print(
+        "FP8Linear GPU (cuBLAS/Triton) vs CPU (reference):",
+        ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
+    )
     assert all(e < 1e-3 for e in errs.values()), errs
 
 

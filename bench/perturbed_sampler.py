@@ -138,7 +138,9 @@ def main() -> None:
     parser.add_argument("--sft-model", default="runs/quickstart/sft/model")
     parser.add_argument("--out", default="runs/perturbed_sampler")
     parser.add_argument("--perturbation", choices=sorted(PERTURBATIONS), default="temperature")
-    parser.add_argument("--value", type=float, default=1.5, help="temperature factor, noise σ or logit-bias σ_b")
+    parser.add_argument(
+        "--value", type=float, default=1.5, help="temperature factor, noise σ or logit-bias σ_b"
+    )
     parser.add_argument("--mask-threshold", type=float, default=0.1, help="mean |gap| per sequence, nats")
     parser.add_argument("--arms", nargs="*", help="run only these arms")
     parser.add_argument("--steps", type=int, default=60)
