@@ -1,11 +1,13 @@
 """DeepSeekMoE layer time vs its grouped-GEMM ceiling and vs a per-expert loop (GPU, bf16).
 
-    python bench/model_moe.py [--tokens-v3 8192] [--tokens-moonlight 16384] [--iters 10]
+    python bench/model_moe.py [--tokens-v3 8192] [--tokens-moonlight 16384] [--iters 10] [--profile]
 
 Ceiling: only the layer's unavoidable GEMMs, i.e. the two `torch._grouped_mm` calls over the same
 expert-sorted rows plus the shared expert's three matmuls. ratio = ceiling time / layer time (target >= 0.8);
 what the ratio misses is routing (an fp32 router GEMM, top-k, sort), the gather/un-permute and the gate-weighted
 sum. "loop" is the same layer with one matmul per expert (`expert_loop_linear`). "train" = forward + backward.
+`--profile` adds, per shape, the GPU time of the training step split by kernel (torch profiler): where the time
+beyond the ceiling goes.
 """
 
 import argparse
@@ -95,11 +97,33 @@ def flops(moe, tokens, train):
     return (routed + shared) * (3 if train else 1)
 
 
+def profile_split(moe, x, iters: int = 5) -> None:
+    """The layer's forward+backward GPU time per kernel, largest first (CUDA kernels only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = layer_fn(moe.train(), x, True)
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"  profile: {total / iters / 1e3:.2f} ms GPU per forward+backward")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+        share = e.self_device_time_total / total
+        print(
+            f"    {share:6.1%} {e.self_device_time_total / iters / 1e3:7.3f} ms  {e.count // iters:3d}x  {e.key[:90]}"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens-v3", type=int, default=8192)
     parser.add_argument("--tokens-moonlight", type=int, default=16384)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="kernel split of the training step per shape")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -135,6 +159,9 @@ def main():
                     rel,
                 )
             )
+        if args.profile:
+            print(f"{shape}, {tokens} tokens:")
+            profile_split(moe, x)
         del moe, x
         torch.cuda.empty_cache()
     print(

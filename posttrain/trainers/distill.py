@@ -55,6 +55,7 @@ from posttrain.trainers.loop import (
     Checkpointer,
     Progress,
     StepTimer,
+    apply_memory_and_speed_switches,
     make_accelerator,
     make_optimizer,
     make_reward_runner,
@@ -197,6 +198,7 @@ def train_with_kd(recipe: SFTRecipe, kd: KDSection, resume: bool = False) -> Pat
     dataset = PackedDataset(samples, plan, pad_id=tokenizer.pad_token_id)
 
     policy = build_policy(recipe.model)
+    apply_memory_and_speed_switches(policy, recipe.train)
     mtp_depth = mtp_depth_of(policy, recipe)
     teacher = Policy(load_causal_lm(kd.teacher)).eval().requires_grad_(False).to(accelerator.device)
     train = recipe.train

@@ -44,6 +44,7 @@ from posttrain.report import write_report
 from posttrain.trainers.loop import (
     Checkpointer,
     Progress,
+    apply_memory_and_speed_switches,
     make_accelerator,
     make_optimizer,
     make_reward_runner,
@@ -453,8 +454,15 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
     temperature = recipe.generation.temperature or 1.0
     chunk = recipe.train.loss_chunk_size
 
+    if recipe.train.compile_blocks and recipe.generation.backend in ("auto", "hf", "latent"):
+        raise ValueError(
+            "train.compile_blocks with generation.backend "
+            f"{recipe.generation.backend!r}: that backend decodes with the trainer's own (then compiled) module, "
+            "one recompilation per new shape; use generation.backend=vllm or leave train.compile_blocks off"
+        )
     policy = build_policy(recipe.model)
     reference = _make_reference(policy, loss_cfg.beta)
+    apply_memory_and_speed_switches(policy, recipe.train)
     optimizer = make_optimizer(list(policy.parameters()), recipe.train)
     scheduler = make_scheduler(optimizer, recipe.train, total_steps * grpo.num_iterations)
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)

@@ -46,6 +46,16 @@ def make_accelerator(train: TrainSection) -> Accelerator:
     return accelerator
 
 
+def apply_memory_and_speed_switches(policy: torch.nn.Module, train: TrainSection) -> None:
+    """`train.gradient_checkpointing` and `train.compile_blocks`, the same way for every trainer."""
+    if train.gradient_checkpointing and hasattr(policy.model, "gradient_checkpointing_enable"):
+        policy.model.gradient_checkpointing_enable()
+    if train.compile_blocks:
+        from posttrain.fast.backbone import compile_decoder_layers
+
+        compile_decoder_layers(policy.model)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainSection) -> torch.optim.AdamW:
     decay = [p for p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in params if p.requires_grad and p.ndim < 2]

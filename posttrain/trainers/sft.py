@@ -31,6 +31,7 @@ from posttrain.trainers.loop import (
     Checkpointer,
     Progress,
     StepTimer,
+    apply_memory_and_speed_switches,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -110,12 +111,7 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
         )
 
     policy = build_policy(recipe.model)
-    if recipe.train.gradient_checkpointing and hasattr(policy.model, "gradient_checkpointing_enable"):
-        policy.model.gradient_checkpointing_enable()
-    if recipe.train.compile_blocks:
-        from posttrain.fast.backbone import compile_decoder_layers
-
-        compile_decoder_layers(policy.model)
+    apply_memory_and_speed_switches(policy, recipe.train)
     mtp_depth = mtp_depth_of(policy, recipe)
     train = recipe.train
     per_step = train.micro_batch_size * train.grad_accum

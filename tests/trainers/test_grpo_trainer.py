@@ -156,3 +156,10 @@ def test_grpo_with_colocated_vllm_keeps_the_engine_on_the_trainers_weights(tmp_p
     for r in steps:
         assert r["gap/max_abs"] < 1e-3, r
     assert all(r["grad_norm"] > 0 for r in steps)  # the weights moved every step, and vLLM followed
+
+
+def test_grpo_refuses_compiled_blocks_with_a_backend_that_decodes_with_them(tmp_path, tiny_policy, repo_root):
+    path = write_recipe(tmp_path, tiny_policy, repo_root, "compiled")
+    recipe = load_recipe(path, GRPORecipe, ["train.compile_blocks=true", "generation.backend=hf"])
+    with pytest.raises(ValueError, match="train.compile_blocks with generation.backend 'hf'"):
+        train_grpo(recipe)
