@@ -1,26 +1,47 @@
-"""Rollouts with transformers' `generate`: KV cache, left-padded batches, for CPU and small runs.
+"""Rollouts from a transformers causal LM with our own decoding loop over transformers' KV caches.
 
-Temperature and top-p are applied by our own logits processor rather than by transformers' warpers, because it
-is the one place that sees the raw logits z_t of every step: it keeps log softmax(z_t / T) for the token
-sampled next (the log-prob definition of `base.py`) and hands the sampler z_t / T with the nucleus masked out.
-It holds one step of log-probs at a time, so memory does not grow with vocabulary × length.
+For CPU and small runs. transformers' `generate` spends much of a small model's decoding time outside the model
+(logits processors, stopping criteria, input preparation), prefills every one of the n copies of a prompt,
+grows its cache by concatenation (a copy of the whole cache per layer and token) and, in its "sdpa" attention,
+copies grouped K/V heads H/H_kv times whenever there is a padding mask. Here:
+
+1. each distinct prompt is prefilled once, in one left-padded batch (attention mask, position ids counting real
+   tokens only), computing the logits of its last position only;
+2. its keys and values are copied once per completion into a `StaticCache` sized for the whole decode, which
+   each step then writes in place;
+3. one forward per token for the whole batch; once a quarter of the batch has finished (EOS, stop string), the
+   finished rows leave the batch and the cache;
+4. sampling and log-probs follow `posttrain.generation.base`: log softmax(z/T) before top-p, T = 1 for greedy.
+
+On CPU the forwards run with `GROUPED_KV_SDPA`: transformers' SDPA contract with grouped K/V heads handed to the
+kernel as they are (`enable_gqa`) under a padding mask too, the same attention without the copies. The attention
+implementation is switched for the duration of a call and restored afterwards, because the module is usually the
+trainer's own; posttrain's packed-row attention (`posttrain_varlen`), which takes no padding mask, is replaced by
+SDPA while decoding for the same reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StaticCache,
 )
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from posttrain.fast.attention import VARLEN_ATTENTION
 from posttrain.generation.base import (
     Completion,
     SamplingParams,
@@ -28,6 +49,37 @@ from posttrain.generation.base import (
     first_stop,
     tokens_through_stop,
 )
+
+GROUPED_KV_SDPA = "posttrain_grouped_kv_sdpa"
+
+
+def grouped_kv_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' "sdpa" attention, except that grouped K/V heads (q [B, H, S, D], k/v [B, H_kv, L, D])
+    meet a padding mask as they are, through `enable_gqa`, instead of being copied H/H_kv times first (which
+    transformers does for the sake of CUDA kernels; on CPU the copy of the cache costs more than the attention).
+    Every other case is transformers' own function."""
+    extras = kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
+    if attention_mask is None or key.shape[1] == query.shape[1] or extras:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_KV_SDPA, grouped_kv_sdpa)
+AttentionMaskInterface.register(GROUPED_KV_SDPA, sdpa_mask)
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -41,34 +93,26 @@ def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-class _ScaleAndRecordLogprobs(LogitsProcessor):
-    """Return z/T (nucleus-masked) to the sampler and record log softmax(z/T) at the token it then picks."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.temperature = params.logprob_temperature
-        self.top_p = 1.0 if params.greedy else params.top_p
-        self.step_logprobs: list[torch.Tensor] = []
-        self.pending: torch.Tensor | None = None  # log-probs of the step whose token is not yet known
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._take(input_ids[:, -1])
-        scaled = scores.float() / self.temperature
-        self.pending = scaled.log_softmax(dim=-1)
-        return top_p_mask(scaled, self.top_p)
-
-    def _take(self, chosen: torch.Tensor) -> None:
-        if self.pending is not None:
-            self.step_logprobs.append(self.pending.gather(1, chosen[:, None]).squeeze(1))
-            self.pending = None
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """Log-probs of every generated token, shape [rows, generated length]."""
-        self._take(sequences[:, -1])
-        return torch.stack(self.step_logprobs, dim=1)
+def sample_next(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of every row of `logits` [B, V] and its log-prob, log softmax(z/T)[y] (base.py): argmax
+    for greedy decoding (T = 1), else a draw from softmax(z/T) restricted to the top-p nucleus."""
+    scaled = logits.float() / params.logprob_temperature
+    logprobs = scaled.log_softmax(dim=-1)
+    if params.greedy:
+        chosen = scaled.argmax(dim=-1)
+    else:
+        chosen = torch.multinomial(top_p_mask(scaled, params.top_p).softmax(dim=-1), 1).squeeze(-1)
+    return chosen, logprobs.gather(-1, chosen[:, None]).squeeze(-1)
 
 
 class HFBackend:
-    """Generate with a transformers causal LM; it may be the trainer's own module (then no copy is made)."""
+    """Generate with a transformers causal LM; it may be the trainer's own module (then no copy is made).
+
+    `max_batch_size` bounds the completions decoded together (prompts × n). With `SamplingParams.seed`, a call
+    draws from its own copy of torch's RNG seeded with it: the same seed, prompts, parameters, weights and
+    `max_batch_size` give the same completions on the same machine and thread count (float reductions may
+    differ elsewhere). Without a seed, the draws come from, and advance, torch's global RNG.
+    """
 
     def __init__(
         self,
@@ -83,6 +127,8 @@ class HFBackend:
             raise ValueError("HFBackend needs a tokenizer (or a model path to load one from)")
         if isinstance(tokenizer, str | Path):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"HFBackend: max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -105,9 +151,10 @@ class HFBackend:
         batch_size = self.max_batch_size or len(rows)
         was_training = self.model.training
         self.model.eval()
+        seeded = params.seed is not None
         try:
-            with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad():
-                if params.seed is not None:
+            with torch.random.fork_rng(devices=self._cuda_devices(), enabled=seeded), torch.no_grad():
+                if seeded:
                     torch.manual_seed(params.seed)
                 completions = [
                     completion
@@ -123,39 +170,114 @@ class HFBackend:
         return [device.index or 0] if device.type == "cuda" else []
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Decode `rows` (prompts, repeated once per completion) together; see the module docstring."""
         device = next(self.model.parameters()).device
-        width = max(len(ids) for ids in rows)
-        input_ids = torch.tensor(
-            [[self.pad_token_id] * (width - len(ids)) + ids for ids in rows], device=device
-        )
-        attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device
-        )
-        recorder = _ScaleAndRecordLogprobs(params)
-        config = GenerationConfig(
-            max_new_tokens=params.max_tokens,
-            do_sample=not params.greedy,
-            # Temperature and top-p live in `recorder`; transformers' own warpers are switched off.
-            temperature=1.0,
-            top_p=1.0,
-            top_k=None if params.greedy else 0,  # 0 disables top-k; greedy must leave it unset
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            stop_strings=params.stop or None,
-            return_dict_in_generate=True,
-        )
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([recorder]),
-            tokenizer=self.tokenizer,
-        )
-        generated = output.sequences[:, width:]
-        logprobs = recorder.finish(output.sequences)
+        distinct = list(dict.fromkeys(tuple(ids) for ids in rows))
+        slot = {ids: i for i, ids in enumerate(distinct)}
+        copies = torch.tensor([slot[tuple(ids)] for ids in rows], device=device)
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        tokens = torch.zeros(len(rows), params.max_tokens, dtype=torch.long, device=device)
+        logprobs = torch.zeros(len(rows), params.max_tokens, device=device)
+        lengths = torch.full((len(rows),), params.max_tokens, device=device)
+        running = torch.arange(len(rows), device=device)  # the row of `rows` each batch row decodes
+
+        with self._decoding_attention(device):
+            logits, prompt_cache, mask = self._prefill([list(ids) for ids in distinct], device)
+            capacity = mask.shape[1] + params.max_tokens
+            cache = self._static_cache(prompt_cache, copies, mask.shape[1], capacity)
+            logits, mask = logits[copies], mask[copies]
+            positions = mask.sum(dim=-1, keepdim=True)  # a row's next position: its prompt's length
+            finished = torch.zeros(len(rows), dtype=torch.bool, device=device)  # ended, still in the batch
+            for step in range(params.max_tokens):
+                chosen, chosen_logprobs = sample_next(logits, params)
+                tokens[running, step] = chosen  # past a row's end, `lengths` cuts these off
+                logprobs[running, step] = chosen_logprobs
+                ended = torch.isin(chosen, eos)
+                if params.stop:
+                    ended |= self._completed_stop(tokens[running, : step + 1], params.stop)
+                ended &= ~finished
+                lengths[running[ended]] = step + 1
+                finished |= ended
+                if step + 1 == params.max_tokens or bool(finished.all()):
+                    break
+                # Rebuilding the cache without the finished rows costs about two decoding steps; doing it once a
+                # quarter of the batch has finished was fastest (bench: 5.8 s against 6.1 s at every finish and
+                # 8.1 s never, 64 completions of 3 to 256 tokens).
+                if 4 * int(finished.sum()) >= len(finished):
+                    keep = (~finished).nonzero().squeeze(-1)
+                    cache = self._static_cache(cache, keep, mask.shape[1], capacity)
+                    batch = (running, chosen, mask, positions, finished)
+                    running, chosen, mask, positions, finished = (x[keep] for x in batch)
+                mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=-1)
+                output = self.model(
+                    input_ids=chosen[:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits, positions = output.logits[:, -1], positions + 1
+
+        tokens, logprobs, lengths = tokens.tolist(), logprobs.tolist(), lengths.tolist()
         return [
-            self._completion(generated[i].tolist(), logprobs[i].tolist(), params) for i in range(len(rows))
+            self._completion(t[:n], lp[:n], params)
+            for t, lp, n in zip(tokens, logprobs, lengths, strict=True)
         ]
+
+    def _prefill(
+        self, prompts: list[list[int]], device: torch.device
+    ) -> tuple[torch.Tensor, Cache, torch.Tensor]:
+        """One forward over the left-padded prompts: last-position logits [P, V], the KV cache, the mask."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor(
+            [[self.pad_token_id] * (width - len(ids)) + ids for ids in prompts], device=device
+        )
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # what an unpadded forward would use
+        output = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        return output.logits[:, -1], output.past_key_values, mask
+
+    def _static_cache(self, source: Cache, rows: torch.Tensor, length: int, capacity: int) -> StaticCache:
+        """A cache of `capacity` preallocated positions holding positions [0, length) of `source`'s `rows`.
+
+        Decoding writes each new position in place; transformers' default cache appends by concatenation, a
+        copy of the whole cache per layer and token (the static cache measured 2-5% faster at 64 rows)."""
+        cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        for index, layer in enumerate(source.layers):
+            cache.update(layer.keys[rows, :, :length], layer.values[rows, :, :length], index)
+        return cache
+
+    def _completed_stop(self, generated: torch.Tensor, stop: list[str]) -> torch.Tensor:
+        """Which rows of `generated` [B, t] contain a stop string, found as their newest token completes it.
+
+        Only the text of the last few tokens is decoded (a stop string starts at most its UTF-8 length, plus a
+        partly decoded character, tokens back); a hit there is confirmed on the whole text, since a cut token
+        sequence may decode differently at its start. A stop string this misses is still cut by `_completion`.
+        """
+        window = max(len(s.encode()) for s in stop) + 4
+        hits = [
+            first_stop(self._decode(row[-window:]), stop) is not None
+            and first_stop(self._decode(row), stop) is not None
+            for row in generated.tolist()
+        ]
+        return torch.tensor(hits, device=generated.device)
+
+    @contextlib.contextmanager
+    def _decoding_attention(self, device: torch.device) -> Iterator[None]:
+        """Decode with `GROUPED_KV_SDPA` on CPU (SDPA on CUDA) instead of "sdpa" or packed-row attention."""
+        config = getattr(self.model, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        wanted = GROUPED_KV_SDPA if device.type == "cpu" else "sdpa"
+        if current not in ("sdpa", VARLEN_ATTENTION) or current == wanted:
+            yield
+            return
+        self.model.set_attn_implementation(wanted)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(current)
 
     def _completion(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
         """Cut one generated row at its first EOS or stop string (whichever ends first) and decode it."""

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.generation.base import Completion, SamplingParams, first_stop
-from posttrain.generation.hf import HFBackend, top_p_mask
+from posttrain.generation.hf import HFBackend, sample_next
 
 
 class LatentCacheBackend(HFBackend):
@@ -47,13 +47,7 @@ class LatentCacheBackend(HFBackend):
         logprobs: list[list[float]] = [[] for _ in rows]
         finished = [False] * len(rows)
         for _ in range(params.max_tokens):
-            scaled = last.float() / params.logprob_temperature
-            log_probs = scaled.log_softmax(dim=-1)
-            if params.greedy:
-                chosen = scaled.argmax(dim=-1)
-            else:
-                chosen = torch.multinomial(top_p_mask(scaled, params.top_p).softmax(dim=-1), 1).squeeze(-1)
-            picked = log_probs.gather(-1, chosen[:, None]).squeeze(-1)
+            chosen, picked = sample_next(last, params)
             for i, (token, logprob) in enumerate(zip(chosen.tolist(), picked.tolist(), strict=True)):
                 if finished[i]:
                     continue

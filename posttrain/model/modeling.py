@@ -85,6 +85,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         if init_weights:
             self.init_weights()
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output head, under transformers' name for it."""
+        return self.lm_head
+
     def set_attn_implementation(self, name: str) -> None:
         """One of "auto" (varlen on CUDA, sdpa elsewhere), "varlen", "sdpa"; see the module docstring."""
         if name not in ATTN_IMPLEMENTATIONS:

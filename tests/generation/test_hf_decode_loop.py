@@ -1,0 +1,242 @@
+"""The hf backend's own decoding loop against transformers `generate` and full forward passes.
+
+Two architectures: a tiny random Qwen2 (grouped K/V heads, decoded with posttrain's grouped-KV SDPA) and
+transformers' DeepSeek-V3 (MLA + routed experts). posttrain's own DeepSeek-V3 has no transformers KV cache; it
+decodes through the `latent` backend (tests/trainers/test_deepseek_v3_training.py).
+"""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from posttrain.fast.attention import register_varlen_attention
+from posttrain.generation import SamplingParams, build_backend
+from posttrain.generation.hf import GROUPED_KV_SDPA, grouped_kv_sdpa
+from posttrain.generation.testing import build_tiny_deepseek_v3, forward_logprobs
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0)
+QUESTIONS = ["two plus three", "what is seven times eight and then minus one", "sum of 12 and 30", "the cat"]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "deepseek_v3"])
+def engine(request, qwen2_dir, tmp_path_factory):
+    """(model, tokenizer, prompts of unequal lengths) for each architecture."""
+    directory = qwen2_dir
+    if request.param == "deepseek_v3":
+        directory = build_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny_deepseek_v3"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prompts = [
+        list(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        for q in QUESTIONS
+    ]
+    assert len({len(p) for p in prompts}) > 1, "the batch must be left-padded"
+    return model, tokenizer, prompts
+
+
+def record_forwards(model):
+    """Record the input shape and attention implementation of every forward of `model`."""
+    calls = []
+
+    def hook(_module, _args, kwargs):
+        calls.append((tuple(kwargs["input_ids"].shape), model.config._attn_implementation))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_greedy_equals_transformers_generate_and_a_float64_full_forward(engine):
+    model, tokenizer, prompts = engine
+    calls, handle = record_forwards(model)
+    try:
+        outputs = build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, GREEDY)
+    finally:
+        handle.remove()
+    assert calls[0][0] == (len(prompts), max(map(len, prompts)))  # one left-padded prefill of all prompts
+    assert all(shape == (len(prompts), 1) for shape, _ in calls[1:])  # then one token per row per forward
+    for prompt, (completion,) in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            reference = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=GREEDY.max_tokens,
+                do_sample=False,
+                top_k=None,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        expected = reference.sequences[0, len(prompt) :].tolist()
+        assert completion.token_ids == expected
+        generate_logprobs = torch.stack(reference.logits, dim=1)[0].double().log_softmax(-1)
+        generate_logprobs = generate_logprobs.gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        ours = torch.tensor(completion.logprobs, dtype=torch.float64)
+        torch.testing.assert_close(ours, generate_logprobs, atol=1e-5, rtol=0)
+        # The trainer's view: one unpadded forward over prompt‖completion, log-softmax in float64.
+        torch.testing.assert_close(ours, forward_logprobs(model, prompt, expected), atol=1e-5, rtol=0)
+
+
+def test_every_sample_of_a_group_has_the_logprobs_of_a_full_forward(engine):
+    model, tokenizer, prompts = engine
+    params = SamplingParams(n=4, max_tokens=16, temperature=0.8, top_p=0.9, seed=0)
+    outputs = build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, params)
+    for prompt, completions in zip(prompts, outputs, strict=True):
+        assert len(completions) == 4
+        assert len({tuple(c.token_ids) for c in completions}) > 1, "the samples of a prompt must differ"
+        for completion in completions:
+            recomputed = forward_logprobs(model, prompt, completion.token_ids, temperature=0.8)
+            ours = torch.tensor(completion.logprobs, dtype=torch.float64)
+            torch.testing.assert_close(ours, recomputed, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_tokens=20, temperature=1.0, seed=3)])
+def test_a_shared_prefill_equals_prefilling_every_copy(engine, params):
+    model, tokenizer, prompts = engine
+    backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    calls, handle = record_forwards(model)
+    try:
+        shared = backend.generate(prompts, dataclasses.replace(params, n=3))
+    finally:
+        handle.remove()
+    assert calls[0][0][0] == len(prompts)  # each distinct prompt prefilled once...
+    assert calls[1][0][0] == 3 * len(prompts)  # ...and decoded three times
+    copied = backend.generate([p for p in prompts for _ in range(3)], params)  # every copy prefilled
+    assert [c for group in shared for c in group] == [group[0] for group in copied]
+    if params.greedy:  # the copies agree (to rounding: routed experts run rows in batches of varying size)
+        for group in shared:
+            assert group[0].token_ids == group[1].token_ids == group[2].token_ids
+            assert group[0].logprobs == pytest.approx(group[2].logprobs, abs=1e-5)
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_are_unchanged(engine):
+    model, tokenizer, prompts = engine
+    free = [c for (c,) in build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, GREEDY)]
+    # An EOS token that ends some completions early and never occurs in others.
+    candidates = [
+        token
+        for completion in free
+        for token in completion.token_ids[3:10]
+        if any(token not in other.token_ids for other in free)
+    ]
+    assert candidates, "the tiny model's greedy completions share every early token"
+    eos = candidates[0]
+    configured = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    finally:
+        model.generation_config.eos_token_id = configured
+    calls, handle = record_forwards(model)
+    try:
+        ended = [c for (c,) in backend.generate(prompts, GREEDY)]
+    finally:
+        handle.remove()
+    assert min(shape[0] for shape, _ in calls[1:]) < len(prompts), "finished rows must leave the batch"
+    for before, after in zip(free, ended, strict=True):
+        if eos in before.token_ids:
+            cut = before.token_ids.index(eos) + 1
+            assert after.finish_reason == "stop" and after.token_ids == before.token_ids[:cut]
+            assert after.text == tokenizer.decode(before.token_ids[: cut - 1])
+        else:
+            assert after.finish_reason == "length" and after.token_ids == before.token_ids
+            cut = len(before.token_ids)
+        assert after.logprobs == pytest.approx(before.logprobs[:cut], abs=1e-5)
+
+
+def test_stop_strings_cut_each_row_at_its_first_stop(engine):
+    model, tokenizer, prompts = engine
+    backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    free = [c for (c,) in backend.generate(prompts, GREEDY)]
+    text = free[1].text
+    start = next(i for i in range(4, len(text) - 2) if text.find(text[i : i + 2]) == i)
+    stop = [text[start : start + 2], "never in any completion"]
+    calls, handle = record_forwards(model)
+    try:
+        stopped = [c for (c,) in backend.generate(prompts, dataclasses.replace(GREEDY, stop=stop))]
+    finally:
+        handle.remove()
+    assert len(stopped[1].token_ids) < GREEDY.max_tokens - 1
+    assert min(shape[0] for shape, _ in calls[1:]) < len(prompts), "stopped rows must leave the batch"
+    assert stopped[1].text == text[:start]
+    for before, after in zip(free, stopped, strict=True):
+        at = min((i for s in stop if (i := before.text.find(s)) != -1), default=None)
+        cut = len(after.token_ids)
+        if at is None:  # decoded in a batch that shrank as the other rows stopped
+            assert (after.token_ids, after.text, after.finish_reason) == (
+                before.token_ids,
+                before.text,
+                "length",
+            )
+        else:
+            assert after.finish_reason == "stop" and after.text == before.text[:at]
+            assert after.token_ids == before.token_ids[:cut]
+            assert any(s in tokenizer.decode(before.token_ids[:cut]) for s in stop)  # the token completing it
+            assert not any(
+                s in tokenizer.decode(before.token_ids[: cut - 1]) for s in stop
+            )  # is kept, no more
+        assert after.logprobs == pytest.approx(before.logprobs[:cut], abs=1e-5)
+
+
+def test_max_tokens_bounds_every_completion(engine):
+    model, tokenizer, prompts = engine
+    backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    long = backend.generate(prompts, GREEDY)
+    for max_tokens in (1, 5):
+        short = backend.generate(prompts, dataclasses.replace(GREEDY, max_tokens=max_tokens))
+        for (bounded,), (free,) in zip(short, long, strict=True):
+            assert bounded.token_ids == free.token_ids[:max_tokens]
+            assert bounded.finish_reason == ("length" if len(bounded.token_ids) == max_tokens else "stop")
+            assert bounded.logprobs == pytest.approx(free.logprobs[:max_tokens], abs=1e-5)
+
+
+def test_seeds_and_the_global_rng(model, tokenizer, prompts):
+    backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    params = SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=11)
+    state = torch.get_rng_state()
+    first = backend.generate(prompts, params)
+    assert torch.equal(torch.get_rng_state(), state), "a seeded call must leave torch's global RNG alone"
+    assert backend.generate(prompts, params) == first
+    assert backend.generate(prompts, dataclasses.replace(params, seed=12)) != first
+    unseeded = dataclasses.replace(params, seed=None)
+    assert backend.generate(prompts, unseeded) != backend.generate(prompts, unseeded)  # draws advance the RNG
+    chunked = build_backend("hf", model=model, tokenizer=tokenizer, max_batch_size=3)
+    greedy = dataclasses.replace(GREEDY, n=2)
+    for ours, theirs in zip(
+        chunked.generate(prompts, greedy), backend.generate(prompts, greedy), strict=True
+    ):
+        for a, b in zip(ours, theirs, strict=True):  # chunks of 3 split the groups of 2
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_grouped_kv_sdpa_equals_transformers_sdpa():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, h, s, 16, generator=generator) for h, s in [(4, 1), (2, 7), (2, 7)])
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :3] = False  # a left-padded row
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    for attention_mask in (mask, None):
+        ours, _ = grouped_kv_sdpa(module, query, key, value, attention_mask, scaling=0.25)
+        reference, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.25)
+        assert torch.equal(ours, reference)
+
+
+def test_attention_implementation_is_switched_for_decoding_only(model, tokenizer, prompts):
+    reference = build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, GREEDY)
+    # posttrain trains transformers models on CUDA with packed-row attention, which takes no padding mask.
+    model.set_attn_implementation(register_varlen_attention())
+    calls, handle = record_forwards(model)
+    try:
+        outputs = build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, GREEDY)
+    finally:
+        handle.remove()
+    assert {implementation for _, implementation in calls} == {GROUPED_KV_SDPA}
+    assert model.config._attn_implementation == "posttrain_varlen"
+    for (ours,), (expected,) in zip(outputs, reference, strict=True):
+        assert ours.token_ids == expected.token_ids
+        assert ours.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
