@@ -1,10 +1,12 @@
 """Does the sampler/trainer gap hurt GRPO, and do the corrections repair it? (issue 10, item 4)
 
-    .venv/bin/posttrain sft recipes/sft_quickstart.yaml output_dir=runs/perturb/sft      # or `make quickstart`
+    .venv/bin/posttrain sft recipes/sft_quickstart.yaml output_dir=runs/perturb/sft \
+        model.from_config=recipes/models/tiny_qwen2.json model.implementation=auto model.mtp.attach_depth=1
     .venv/bin/python bench/perturbed_sampler.py --sft-model runs/perturb/sft/model --out runs/perturb
 
 Every arm is the quickstart's GRPO recipe (recipes/grpo_quickstart.yaml) from the same SFT model, seed and
-prompts; only the sampler and the loss's correction differ:
+prompts; only the sampler and the loss's correction differ. BENCHMARKS.md's figures used the tiny Qwen2 above
+(the quickstart's model before it became a tiny DeepSeek-V3); any SFT model works:
 
     clean          the sampler is the policy (the transformers backend on the trainer's own module)
     perturbed      rollouts from a perturbed policy q (`generation.sampler_perturbation`), no correction:
