@@ -131,7 +131,7 @@ class Results:
 
 def cleanup() -> None:
     gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a process that never used the GPU (a launcher) keeps no context on it
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
