@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/grpo.py                          # 8 prompts x G=8, 64 new tokens, 1 thread
     .venv/bin/python bench/grpo.py --steps 5 --warmup 1 --repeats 3 --threads 2
+    python3 bench/grpo.py --device cuda --model qwen2_0.5b --layout packed     # GPU: bf16 autocast both sides
 
 One configuration, identical on both sides:
-- the same randomly initialised Qwen2 (hidden 256, 4 layers; config below), saved once, fp32, no autocast;
+- the same randomly initialised Qwen2 (`--model tiny`: hidden 256, 4 layers; `qwen2_0.5b`: Qwen2-0.5B's shape
+  with the bundled tokenizer's vocabulary), saved once, fp32 weights; no autocast on CPU, bf16 autocast on CUDA;
 - the same tokenizer (data/tokenizer) and prompts (data/arith/rl.jsonl, chat template applied);
 - a step = P prompts x G completions sampled with transformers `generate` (KV cache, temperature 1, no top-p
   or top-k), scored by `rewards.math_accuracy` (TRL gets it as a plain reward function), group advantages,
@@ -13,6 +15,10 @@ One configuration, identical on both sides:
   vocabulary, so it is never sampled and every completion has exactly `--max-tokens` tokens. No stop strings.
   Then both sides generate and train on the same number of tokens per step.
 - posttrain's loss gets `tis_cap: None`: TRL applies no importance-sampling correction without vLLM;
+- posttrain scores each prompt once for its G completions (`grpo.share_prompt`, `--layout shared_prompt`, the
+  default on CPU; the log-probs, loss and gradients are those of padded rows, tests/trainers/test_grpo_packed.py);
+  `--layout packed` packs rows without padding (`grpo.pack_tokens`, the GPU's varlen attention; the default on
+  CUDA); `--layout padded` scores G padded rows per prompt as TRL does;
 - each side runs in its own subprocess with `--threads` torch threads, sides alternate (A B A B ...) so that
   load from other processes on a shared machine hits both alike. The default is 1 thread: on a loaded machine
   (more runnable processes than cores) OpenMP's barriers make 2 threads 5-10x slower than 1 for this model.
@@ -60,7 +66,19 @@ MODEL_CONFIG = {
 }
 
 
-def build_model(directory: Path, seed: int) -> None:
+MODEL_SHAPES = {
+    "tiny": {},
+    "qwen2_0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+    },
+}
+
+
+def build_model(directory: Path, seed: int, shape: str) -> None:
     """Save the shared random model and a tokenizer whose EOS the model can never emit."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +90,7 @@ def build_model(directory: Path, seed: int) -> None:
     if eos < vocab:
         raise RuntimeError(f"the added EOS got id {eos}, inside the model's vocabulary of {vocab}")
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(**{**MODEL_CONFIG, "vocab_size": vocab})
+    config = AutoConfig.for_model(**{**MODEL_CONFIG, **MODEL_SHAPES[shape], "vocab_size": vocab})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -96,7 +114,12 @@ def run_posttrain(args: argparse.Namespace, model_dir: Path, out: Path) -> dict:
     total = args.warmup + args.steps
     recipe = GRPORecipe.model_validate(
         {
-            "model": {"path": str(model_dir), "mtp": {"enabled": False}},
+            "model": {
+                "path": str(model_dir),
+                "mtp": {"enabled": False},
+                # shared prompts need a dense mask: SDPA; packed rows take the varlen kernel on CUDA
+                "attn_implementation": "sdpa" if args.layout == "shared_prompt" else "auto",
+            },
             "data": {"train": [str(PROMPTS)]},
             "generation": {"backend": "hf", "max_tokens": args.max_tokens, "temperature": 1.0, "stop": []},
             "rewards": {"functions": [{"name": "math_accuracy", "weight": 1.0}]},
@@ -105,6 +128,8 @@ def run_posttrain(args: argparse.Namespace, model_dir: Path, out: Path) -> dict:
                 "num_generations": args.generations,
                 "num_iterations": 1,
                 "micro_batch_size": args.prompts * args.generations,
+                "share_prompt": args.layout == "shared_prompt",
+                "pack_tokens": PACK_TOKENS if args.layout == "packed" else None,
                 # TRL applies no importance-sampling correction with transformers generate: neither do we here.
                 "loss": {
                     "loss_type": "dapo",
@@ -114,7 +139,13 @@ def run_posttrain(args: argparse.Namespace, model_dir: Path, out: Path) -> dict:
                     "tis_cap": None,
                 },
             },
-            "train": {"max_steps": total, "lr": 1e-6, "min_lr": 1e-6, "seed": 0, "mixed_precision": "no"},
+            "train": {
+                "max_steps": total,
+                "lr": 1e-6,
+                "min_lr": 1e-6,
+                "seed": 0,
+                "mixed_precision": "bf16" if args.device == "cuda" else "no",
+            },
             "logging": {"tensorboard": False, "progress": False},
             "output_dir": str(out / "posttrain_run"),
         }
@@ -181,8 +212,8 @@ def run_trl(args: argparse.Namespace, model_dir: Path, out: Path) -> dict:
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        bf16=False,
-        use_cpu=True,
+        bf16=args.device == "cuda",
+        use_cpu=args.device == "cpu",
         use_vllm=False,
         seed=0,
         dataloader_num_workers=0,
@@ -260,7 +291,18 @@ def spawn(side: str, args: argparse.Namespace, model_dir: Path, repeat: int) -> 
     return result
 
 
-SHARED_ARGS = ("steps", "warmup", "prompts", "generations", "max_tokens", "threads")
+SHARED_ARGS = (
+    "steps",
+    "warmup",
+    "prompts",
+    "generations",
+    "max_tokens",
+    "threads",
+    "layout",
+    "device",
+    "model",
+)
+PACK_TOKENS = 8192
 
 
 def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -295,6 +337,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of each side (1: see the docstring)"
     )
+    parser.add_argument(
+        "--layout",
+        choices=["shared_prompt", "packed", "padded"],
+        help="how posttrain feeds the rollouts to the model (default: shared_prompt on CPU, packed on CUDA)",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=list(MODEL_SHAPES), default="tiny")
     parser.add_argument("--out", default="/tmp/posttrain-bench-grpo", help="folder for runs and results.json")
     parser.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -302,6 +351,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step's wall time has no start mark)")
+    if args.layout is None:
+        args.layout = "packed" if args.device == "cuda" else "shared_prompt"
     if args.worker:
         worker(args)
         return
@@ -310,7 +361,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     model_dir = out / "model"
-    build_model(model_dir, seed=0)
+    build_model(model_dir, seed=0, shape=args.model)
     repeats: dict[str, list[dict]] = {"posttrain": [], "trl": []}
     for repeat in range(args.repeats):
         for side in ("posttrain", "trl"):
@@ -330,7 +381,8 @@ def main() -> None:
         for which in summary["trl"]
     }
     report = {
-        "config": {k: getattr(args, k) for k in (*SHARED_ARGS, "repeats")} | {"model": MODEL_CONFIG},
+        "config": {k: getattr(args, k) for k in (*SHARED_ARGS, "repeats")}
+        | {"model": {**MODEL_CONFIG, **MODEL_SHAPES[args.model]}},
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

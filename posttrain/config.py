@@ -228,6 +228,11 @@ class GRPOSection(Section):
         description="score rollouts as packed rows of up to this many tokens (no padding); None: padded rows "
         "of micro_batch_size sequences",
     )
+    share_prompt: bool = Field(
+        False,
+        description="score each prompt once for its G completions (one row: prompt ‖ completion_1 ‖ … with a "
+        "dense attention mask); fewer tokens through the model when prompts are long, for SDPA attention",
+    )
     dynamic_sampling: bool = Field(
         False, description="drop groups whose rewards are all equal, refill (DAPO)"
     )

@@ -114,19 +114,25 @@ class Policy(nn.Module):
         with_mtp: bool = False,
         logits_from: int = 0,
         hidden_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> LMOutput:
         """Logits for positions `logits_from`.. of each row (all by default): scoring completions needs only
         their own positions. `hidden_only` returns the final hidden states and the head's weight instead, for
-        losses that never build the [tokens, vocab] logits (posttrain.fast.chunked_loss)."""
+        losses that never build the [tokens, vocab] logits (posttrain.fast.chunked_loss). `attention_mask`: a
+        boolean [B, 1, L, L] (True = may attend) for layouts that position ids cannot express; SDPA only."""
         if self.is_posttrain_model:
             out = self.model(
-                input_ids, position_ids=position_ids, return_mtp=with_mtp, return_logits=not hidden_only
+                input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                return_mtp=with_mtp,
+                return_logits=not hidden_only,
             )
             mtp_logits = list(out.mtp_logits or []) if with_mtp else []
             if hidden_only:
                 return LMOutput(None, mtp_logits, out.aux_loss, out.hidden_states, self.model.lm_head.weight)
             return LMOutput(out.logits[:, logits_from:], mtp_logits, out.aux_loss)
-        attention = self._packed_attention_kwargs(position_ids)
+        attention = self._attention_kwargs(position_ids, attention_mask)
         want_mtp = with_mtp and self.mtp_heads is not None
         if hidden_only:
             from posttrain.fast.backbone import hidden_states_and_head
@@ -146,10 +152,31 @@ class Policy(nn.Module):
             return LMOutput(out.logits)
         return LMOutput(out.logits, self.mtp_heads(out.hidden_states[-1], input_ids, position_ids))
 
-    def _packed_attention_kwargs(self, position_ids: torch.Tensor) -> dict:
+    @property
+    def attention_implementation(self) -> str | None:
+        if self.is_posttrain_model:
+            return self.model.attn_implementation
+        return getattr(self.model.config, "_attn_implementation", None)
+
+    @property
+    def takes_dense_mask(self) -> bool:
+        """Whether a boolean [B, 1, L, L] attention_mask can be passed: SDPA only (transformers' eager path adds
+        the mask as a float bias; varlen and flash kernels take no dense mask)."""
+        if self.is_posttrain_model:
+            return self.attention_implementation != "varlen"
+        return self.attention_implementation == "sdpa"
+
+    def _attention_kwargs(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
         from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs
 
-        if getattr(self.model.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+        if attention_mask is not None:
+            if not self.takes_dense_mask:
+                raise ValueError(
+                    f"a [B, 1, L, L] attention mask needs attn_implementation='sdpa', the model uses "
+                    f"{self.attention_implementation!r} (model.attn_implementation in the recipe)"
+                )
+            return {"attention_mask": attention_mask}
+        if self.attention_implementation == VARLEN_ATTENTION:
             return packed_attention_kwargs(position_ids)
         return {}
 

@@ -100,7 +100,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor | PackedSamples | None:
         """How the blocks attend over rows with these positions: PackedSamples for varlen attention, else a dense
-        [B, 1, L, L] mask or None (plain causal) for SDPA. A padding mask with zeros always takes the dense path."""
+        [B, 1, L, L] mask or None (plain causal) for SDPA. A padding mask with zeros always takes the dense path;
+        a prepared [B, 1, L, L] mask is used as given, with SDPA."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if self.attn_implementation == "varlen":
+                raise ValueError(
+                    "a [B, 1, L, L] attention_mask needs SDPA: attn_implementation='varlen' takes no dense mask"
+                )
+            return attention_mask
         varlen = self.attn_implementation == "varlen" or (
             self.attn_implementation == "auto" and position_ids.is_cuda
         )
@@ -153,16 +160,28 @@ class DeepseekV3ForCausalLM(nn.Module):
         return_logits: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, L]. position_ids [B, L] may restart inside a row (packed samples: each token attends only
-        to earlier tokens of its own sample). attention_mask [B, L] (1 = token, 0 = padding) is optional.
+        to earlier tokens of its own sample). attention_mask is optional: [B, L] (1 = token, 0 = padding), or a
+        prepared boolean [B, 1, L, L] (True = may attend) for layouts positions cannot express (completions
+        sharing one prompt), attended with SDPA.
         use_cache returns the prompt's latent cache for `decode_step` (one unpadded sample per row). Attention
         follows `attn_implementation` (see `attention_layout`). return_logits=False skips the output head (a
         loss fused with the head reads `hidden_states`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        for name, extra in (("position_ids", position_ids), ("attention_mask", attention_mask)):
-            if extra is not None and extra.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(extra.shape)}, input_ids {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
+        prepared_mask = attention_mask is not None and attention_mask.dim() == 4
+        for name, extra, shape in (
+            ("position_ids", position_ids, input_ids.shape),
+            (
+                "attention_mask",
+                attention_mask,
+                (batch, 1, length, length) if prepared_mask else input_ids.shape,
+            ),
+        ):
+            if extra is not None and extra.shape != shape:
+                raise ValueError(f"{name} has shape {tuple(extra.shape)}, expected {tuple(shape)}")
+        if prepared_mask and return_mtp:
+            raise ValueError("return_mtp takes a [B, L] padding mask, not a prepared [B, 1, L, L] one")
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, -1)
         ids = sample_ids(position_ids)

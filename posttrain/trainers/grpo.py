@@ -228,15 +228,18 @@ class MicroBatch:
 
     sequences [b]: which rows of the step's [N, ...] tensors it scores, ascending.
     input_ids, position_ids [R, S]: the model's input; R = b right-padded rows, or one packed row whose position
-        ids restart at 0 at every sequence (so each sequence attends to itself only).
-    predictors [n]: flat positions in the R × S input whose next token is a completion token, in the order of
+        ids restart at 0 at every sequence (so each sequence attends to itself only), or rows of groups that
+        hold their prompt once (`shared_prompt_micro_batches`).
+    predictors [n]: flat positions in the R × S input whose output predicts a completion token, in the order of
         completion_mask[sequences].nonzero() (sequence by sequence, token by token).
+    attention_mask [R, 1, S, S]: who attends to whom (True = may), when position ids cannot say it; else None.
     """
 
     sequences: torch.Tensor
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     predictors: torch.Tensor
+    attention_mask: torch.Tensor | None = None
 
 
 def _predictors(
@@ -289,10 +292,124 @@ def packed_micro_batches(tensors: dict[str, torch.Tensor], pack_tokens: int) -> 
     return batches
 
 
-def micro_batches(
-    tensors: dict[str, torch.Tensor], micro_batch_size: int, pack_tokens: int | None
+def shared_prompt_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """[R, S] segment and branch ids -> [R, 1, S, S] boolean attention mask (True = may attend):
+
+        allowed(i, j) = j ≤ i  ∧  segment_j = segment_i  ∧  (branch_j = 0  ∨  branch_j = branch_i)
+
+    A segment is one prompt (branch 0) followed by its completions (branches 1..G): each completion token sees
+    the prompt and the earlier tokens of its own completion — exactly what it saw as prompt ‖ completion alone.
+    Every token sees itself, so no row of the mask is empty (padding included)."""
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    allowed = causal & same_segment & visible_branch
+    return (allowed | torch.eye(length, dtype=torch.bool, device=segment.device))[:, None]
+
+
+def _shared_prompt_rows(
+    tensors: dict[str, torch.Tensor], groups: torch.Tensor, rows: list[list[int]]
+) -> MicroBatch:
+    """One micro-batch whose row r holds the segments of groups rows[r], right-padded to the longest row."""
+    ids = tensors["input_ids"].cpu()
+    width_in = ids.shape[1]
+    prompt_lens, completion_lens = tensors["prompt_lens"].cpu(), tensors["completion_mask"].sum(1).cpu()
+    built, sequences = [], []
+    for row in rows:
+        source, positions, segment, branch, predictors, at = [], [], [], [], [], 0
+        for g in row:
+            members = groups[g]
+            prompt = int(prompt_lens[members[0]])
+            source.append(members[0] * width_in + torch.arange(prompt))
+            positions.append(torch.arange(prompt))
+            segment.append(torch.full((prompt,), g))
+            branch.append(torch.zeros(prompt, dtype=torch.long))
+            last_prompt_token, at = at + prompt - 1, at + prompt
+            for k, member in enumerate(members.tolist(), start=1):
+                n = int(completion_lens[member])
+                source.append(member * width_in + prompt + torch.arange(n))
+                positions.append(prompt + torch.arange(n))  # where it sat after its prompt alone
+                segment.append(torch.full((n,), g))
+                branch.append(torch.full((n,), k))
+                # token 0 is predicted by the prompt's last token, token t by the completion's token t - 1
+                predictors.append(torch.cat([torch.tensor([last_prompt_token]), at + torch.arange(n - 1)]))
+                sequences.append(member)
+                at += n
+        built.append([torch.cat(x) for x in (source, positions, segment, branch, predictors)])
+    width = max(len(b[0]) for b in built)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    segment_ids = torch.full((len(rows), width), -1)  # padding: a segment of its own
+    branch_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (source, positions, segment, branch, _) in enumerate(built):
+        n = len(source)
+        input_ids[r, :n], position_ids[r, :n] = ids.flatten()[source], positions
+        segment_ids[r, :n], branch_ids[r, :n] = segment, branch
+    predictors = torch.cat([r * width + b[4] for r, b in enumerate(built)])
+    device = tensors["input_ids"].device
+    return MicroBatch(
+        torch.tensor(sequences, device=device),
+        input_ids.to(device),
+        position_ids.to(device),
+        predictors.to(device),
+        shared_prompt_mask(segment_ids, branch_ids).to(device),
+    )
+
+
+def shared_prompt_micro_batches(
+    tensors: dict[str, torch.Tensor], group_size: int, micro_batch_size: int, pack_tokens: int | None
 ) -> list[MicroBatch]:
-    """The step's forwards: packed rows of up to `pack_tokens` tokens, or (None) `micro_batch_size` padded rows."""
+    """Each group of `group_size` consecutive sequences (one prompt, its G completions) scored as one segment
+    prompt ‖ completion_1 ‖ … ‖ completion_G, so the prompt goes through the model once instead of G times.
+    Completion k keeps the positions it had after its prompt and attends to the prompt and itself only
+    (`shared_prompt_mask`), so every log-prob is the one of prompt ‖ completion_k scored alone. Segments go
+    into rows of at most `pack_tokens` tokens (best-fit-decreasing, one row per micro-batch) or, with None,
+    one segment per padded row, micro_batch_size // group_size of them per micro-batch."""
+    ids, prompt_lens = tensors["input_ids"].cpu(), tensors["prompt_lens"].cpu()
+    if len(ids) % group_size:
+        raise ValueError(f"{len(ids)} sequences do not split into groups of {group_size}")
+    groups = torch.arange(len(ids)).view(-1, group_size)
+    for members in groups:
+        prompt = int(prompt_lens[members[0]])
+        if (prompt_lens[members] != prompt).any() or (
+            ids[members, :prompt] != ids[members[0], :prompt]
+        ).any():
+            raise ValueError(
+                f"sequences {int(members[0])}..{int(members[-1])} do not share one prompt; grpo.share_prompt "
+                f"needs each prompt's {group_size} completions side by side"
+            )
+    completion_lens = tensors["completion_mask"].sum(1).cpu()
+    segment_lens = prompt_lens[groups[:, 0]] + completion_lens[groups].sum(1)
+    if pack_tokens is None:
+        per_batch = max(1, micro_batch_size // group_size)
+        layouts = [
+            [[g] for g in range(start, min(start + per_batch, len(groups)))]
+            for start in range(0, len(groups), per_batch)
+        ]
+    else:
+        longest = int(segment_lens.argmax())
+        if segment_lens[longest] > pack_tokens:
+            raise ValueError(
+                f"grpo.pack_tokens={pack_tokens} is shorter than group {longest} with its prompt shared "
+                f"({int(segment_lens[longest])} tokens); raise it to at least "
+                "data.max_prompt_tokens + grpo.num_generations × generation.max_tokens"
+            )
+        plan = plan_packs(segment_lens.numpy(), pack_tokens)
+        layouts = [[sorted(int(g) for g in plan.bin(b))] for b in range(plan.n_bins)]
+    return [_shared_prompt_rows(tensors, groups, rows) for rows in layouts]
+
+
+def micro_batches(
+    tensors: dict[str, torch.Tensor],
+    micro_batch_size: int,
+    pack_tokens: int | None,
+    share_prompt_groups: int | None = None,
+) -> list[MicroBatch]:
+    """The step's forwards: packed rows of up to `pack_tokens` tokens, or (None) `micro_batch_size` padded rows;
+    with `share_prompt_groups` = G, each prompt once for its G completions (`shared_prompt_micro_batches`)."""
+    if share_prompt_groups is not None:
+        return shared_prompt_micro_batches(tensors, share_prompt_groups, micro_batch_size, pack_tokens)
     if pack_tokens is not None:
         return packed_micro_batches(tensors, pack_tokens)
     n = len(tensors["input_ids"])
@@ -319,19 +436,22 @@ def completion_logprobs(
     if isinstance(micro, slice):
         micro = padded_micro_batch(tensors, micro)
     ids, width = micro.input_ids, micro.input_ids.shape[1]
-    targets = ids.flatten()[micro.predictors + 1]
+    mask = tensors["completion_mask"][micro.sequences]
+    k, t = mask.nonzero(as_tuple=True)
+    sequence = micro.sequences[k]
+    targets = tensors["input_ids"][sequence, tensors["prompt_lens"][sequence] + t]
     if chunk_size:
-        out = model(ids, micro.position_ids, hidden_only=True)
+        out = model(ids, micro.position_ids, hidden_only=True, attention_mask=micro.attention_mask)
         hidden = out.hidden.flatten(0, 1)[micro.predictors]
         logps, entropy = chunked_token_logprobs(hidden, out.head_weight, targets, temperature, chunk_size)
     else:
         first = int((micro.predictors % width).min()) if len(micro.predictors) else 0
-        logits = model(ids, micro.position_ids, logits_from=first).logits  # positions first.. of every row
+        # positions first.. of every row
+        logits = model(ids, micro.position_ids, logits_from=first, attention_mask=micro.attention_mask).logits
         picked = logits[micro.predictors // width, micro.predictors % width - first].float() / temperature
         log_probs = F.log_softmax(picked, dim=-1)
         logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-    mask = tensors["completion_mask"][micro.sequences]
     return _scatter(mask, logps), _scatter(mask, entropy)
 
 
@@ -435,11 +555,17 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
 
     grpo = recipe.grpo
     if grpo.pack_tokens is not None:  # fail now, not at the first long rollout
-        longest = max((len(ids) for ids in prompts.prompt_ids), default=0) + recipe.generation.max_tokens
+        completions = grpo.num_generations if grpo.share_prompt else 1
+        longest = (
+            max((len(ids) for ids in prompts.prompt_ids), default=0)
+            + completions * recipe.generation.max_tokens
+        )
         if longest > grpo.pack_tokens:
+            held = f"{completions} × " if grpo.share_prompt else ""
             raise ValueError(
                 f"grpo.pack_tokens={grpo.pack_tokens} cannot hold the longest prompt of {data.train} plus "
-                f"generation.max_tokens={recipe.generation.max_tokens} ({longest} tokens); raise it to {longest}"
+                f"{held}generation.max_tokens={recipe.generation.max_tokens} ({longest} tokens); raise it to "
+                f"{longest}"
             )
     world, rank = accelerator.num_processes, accelerator.process_index
     if grpo.prompts_per_step % world:
@@ -461,6 +587,11 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
             "one recompilation per new shape; use generation.backend=vllm or leave train.compile_blocks off"
         )
     policy = build_policy(recipe.model)
+    if grpo.share_prompt and not policy.takes_dense_mask:
+        raise ValueError(
+            "grpo.share_prompt needs attention that takes a dense mask: set model.attn_implementation=sdpa "
+            f"(the model attends with {policy.attention_implementation!r}) or leave grpo.share_prompt off"
+        )
     reference = _make_reference(policy, loss_cfg.beta)
     apply_memory_and_speed_switches(policy, recipe.train)
     optimizer = make_optimizer(list(policy.parameters()), recipe.train)
@@ -511,7 +642,12 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         advantages, valid = group_advantages(batch.rewards, grpo.num_generations, loss_cfg.scale_rewards)
         advantages, valid = advantages.float().to(accelerator.device), valid.to(accelerator.device)
 
-        batches = micro_batches(tensors, grpo.micro_batch_size, grpo.pack_tokens)
+        batches = micro_batches(
+            tensors,
+            grpo.micro_batch_size,
+            grpo.pack_tokens,
+            grpo.num_generations if grpo.share_prompt else None,
+        )
         needs_old = grpo.num_iterations > 1 or loss_cfg.off_policy_mask_threshold is not None
         with accelerator.autocast():
             old_logps = frozen_logprobs(model, tensors, batches, temperature, chunk) if needs_old else None
