@@ -380,7 +380,8 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
         if step == warmup:
             sync(device)
             timed_from = time.perf_counter()
-        if profile and step == steps:
+        if profile and step == steps:  # after the timed steps: compiled, warm, steady
+            graphs_before = _compiled_graphs()
             profiler = start_profiler(device)
         start = time.perf_counter()
         batch = batch_tensors(dataset, range(step * batch_packs, (step + 1) * batch_packs), device)
@@ -388,7 +389,8 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
         with autocast:
             loss = sft_loss(model, batch, variant)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with torch.profiler.record_function("clip_grad_norm"):  # the profile's optimiser phase (PHASES)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -411,8 +413,49 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
     }
     if profiler is not None:
         result["profile"] = stop_profiler(profiler, device, ctx["profile_steps"])
+        result["profile"]["graphs_compiled_while_profiling"] = _compiled_graphs() - graphs_before
+        profiled = [
+            ctx["packs"].lengths(range(s * batch_packs, (s + 1) * batch_packs))
+            for s in range(steps, total_steps)
+        ]
+        result["profile"]["derived"] = profile_rates(
+            cfg, profiled, result["profile"], result["seconds"], result["tokens"]
+        )
     del model, optimizer
     return result
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (0 without compiled code)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def profile_rates(
+    cfg: dict[str, Any], profiled: list[list[int]], prof: dict[str, Any], timed_s: float, timed_tokens: int
+) -> dict[str, float]:
+    """What the profiled steps' kernel times say about the rate: GEMM TFLOP/s (6·P·tokens over the GEMM
+    kernels' time), attention TFLOP/s, the timed steps' time at the profiled steps' tokens against the kernels'
+    sum (GPU idle, host-bound time), and the MFU the step would reach if it were its GEMMs and attention alone."""
+    steps = len(profiled)
+    tokens = sum(sum(lengths) for lengths in profiled) / steps
+    gemm_flops = 6.0 * matmul_params(cfg) * tokens
+    model_flops = sum(training_flops(cfg, lengths) for lengths in profiled) / steps
+    ms = prof.get("split_ms_per_step", {})
+    gemm_ms, attention_ms = ms.get("gemm", 0.0), ms.get("attention", 0.0)
+    step_ms = timed_s / timed_tokens * tokens * 1e3
+    return {
+        "tokens_per_profiled_step": tokens,
+        "gemm_tflops": gemm_flops / gemm_ms / 1e9 if gemm_ms else 0.0,
+        "attention_tflops": (model_flops - gemm_flops) / attention_ms / 1e9 if attention_ms else 0.0,
+        "timed_ms_at_these_tokens": step_ms,
+        "kernel_ms_per_step": prof["gpu_ms_per_step"],
+        "step_minus_kernels_ms": step_ms - prof["gpu_ms_per_step"],
+        "mfu_if_only_gemm_and_attention": (
+            model_flops / (gemm_ms + attention_ms) / 1e9 / H100_PEAK_TFLOPS if gemm_ms + attention_ms else 0.0
+        ),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,11 +565,17 @@ def run_trl(attn: str, ctx: dict[str, Any], profile: bool = False, use_liger: bo
 # ----------------------------------------------------------------------------------------------------------------
 
 KERNEL_KINDS = [
+    # Inductor's kernels of compiled blocks (pointwise, reductions): the fused element-wise work
+    ("compiled_fused", re.compile(r"^triton_(poi|red|per)_")),
     ("attention", re.compile(r"flash|fmha|attention|attn|flex|triton_tem_fused", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach|_amp_|norm_kernel|clip", re.I)),
     (
         "loss",
-        re.compile(r"cross_entropy|log_softmax|softmax|logsumexp|nll|liger|scatter_gather|gather", re.I),
+        # exp_kernel: the chunked loss's softmax backward, exp(log p) over [chunk, vocab]; nothing else here
+        # takes exp of a large tensor (SiLU has kernels of its own)
+        re.compile(
+            r"cross_entropy|log_softmax|softmax|logsumexp|nll|liger|scatter_gather|gather|exp_kernel", re.I
+        ),
     ),
     ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|matmul|wgmma", re.I)),
 ]
@@ -541,16 +590,113 @@ def start_profiler(device: torch.device) -> Any:
     return prof
 
 
+# The split by where a kernel was launched from, then by its name. A kernel's phase is that of the nearest CPU
+# range above the op that launched it: the optimiser (torch's "Optimizer.step#…"/"Optimizer.zero_grad#…" ranges,
+# the step's "clip_grad_norm" range), the loss (the chunked loss's autograd Function and its backward node,
+# Liger's, aten's cross_entropy/log_softmax/nll_loss), else the model (embedding, blocks, final norm).
+PHASES = [
+    ("optimizer", re.compile(r"^Optimizer\.|clip_grad_norm")),
+    ("loss", re.compile(r"CrossEntropy|cross_entropy|log_softmax|LogSoftmax|nll_loss|NllLoss")),
+]
+# Kinds of kernel, first match wins: GEMMs of the loss's head count as GEMMs, its other kernels as "loss".
+SPLIT_KINDS = [
+    ("compiled_fused", re.compile(r"triton_(poi|red|per)_")),  # inductor's fused kernels of compiled blocks
+    ("gemm", re.compile(r"triton_tem_fused_\w*mm")),  # inductor GEMM templates (max-autotune only)
+    ("attention", re.compile(r"flash|fmha|attention|attn|flex|sdpa|triton_tem_fused", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|matmul|wgmma|aten::(add|b)?mm\b", re.I)),
+    ("loss", re.compile(r"cross_entropy|log_softmax|softmax|logsumexp|nll|liger", re.I)),
+    (
+        "elementwise",  # eager ATen element-wise, reduction, copy, index and cat kernels (names on CUDA and CPU)
+        re.compile(r"elementwise|reduce_kernel|CatArray|index|scatter|gather|fill|copy|aten::", re.I),
+    ),
+]
+SPLIT_ORDER = ["gemm", "attention", "loss", "optimizer", "compiled_fused", "elementwise", "other"]
+# Driver/runtime API calls (cudaLaunchKernel, cuLaunchKernelEx): not ops, never the phase of a kernel.
+_RUNTIME_CALL = re.compile(r"^cu[A-Z]|^cuda[A-Z]")
+# Ranges (CPU and their GPU-side twins), not kernels: counted through the kernels inside them.
+_RANGES = ("Optimizer.", "ProfilerStep", "clip_grad_norm")
+
+
+def _phase(event: Any, cache: dict[int, str]) -> str:
+    """The phase of the nearest enclosing CPU range that names one (PHASES), else "model"."""
+    chain, found = [], "model"
+    while event is not None:
+        if id(event) in cache:
+            found = cache[id(event)]
+            break
+        chain.append(event)
+        name = next((p for p, pattern in PHASES if pattern.search(event.name)), None)
+        if name is not None:
+            found = name
+            break
+        event = event.cpu_parent
+    for seen in chain:
+        cache[id(seen)] = found
+    return found
+
+
+def _split_kind(name: str, phase: str) -> str:
+    if phase == "optimizer" or re.search(r"adam|multi_tensor|foreach|_amp_", name, re.I):
+        return "optimizer"
+    kind = next((k for k, pattern in SPLIT_KINDS if pattern.search(name)), "other")
+    return "loss" if phase == "loss" and kind not in ("gemm", "attention") else kind
+
+
+def phase_split(prof: Any, device: torch.device, steps: int) -> dict[str, Any]:
+    """Kernel time per kind and per phase (see PHASES and SPLIT_KINDS), ms per step. On CUDA every kernel is
+    traced to the op that launched it by its correlation id ("unlinked" if none was recorded); on CPU, ops' self
+    CPU time stands in for kernels."""
+    events = prof.events()
+    cuda = device.type == "cuda"
+    launchers = {
+        e.id: e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CPU and not _RUNTIME_CALL.match(e.name)
+    }
+    cache: dict[int, str] = {}
+    by_phase: dict[str, dict[str, float]] = {}
+    for event in events:
+        if getattr(event, "is_user_annotation", False) or event.name.startswith(_RANGES):
+            continue
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            micros = event.time_range.elapsed_us()
+            launcher = launchers.get(getattr(event, "linked_correlation_id", 0) or -1)
+            phase = "unlinked" if launcher is None else _phase(launcher, cache)
+        else:
+            if event.device_type != torch.autograd.DeviceType.CPU or _RUNTIME_CALL.match(event.name):
+                continue
+            micros = event.self_cpu_time_total
+            phase = _phase(event, cache)
+        kind = _split_kind(event.name, phase)
+        cell = by_phase.setdefault(phase, {})
+        cell[kind] = cell.get(kind, 0.0) + micros
+    kinds = {k: sum(cell.get(k, 0.0) for cell in by_phase.values()) for k in SPLIT_ORDER}
+    total = sum(kinds.values()) or 1.0
+    return {
+        "split": {k: round(v / total, 4) for k, v in kinds.items()},
+        "split_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in kinds.items()},
+        "by_phase_ms_per_step": {
+            phase: {k: round(v / 1e3 / steps, 3) for k, v in sorted(cell.items(), key=lambda kv: -kv[1])}
+            for phase, cell in sorted(by_phase.items())
+        },
+    }
+
+
 def stop_profiler(
     prof: Any, device: torch.device, steps: int, kinds: list[tuple[str, re.Pattern]] = KERNEL_KINDS
 ) -> dict[str, Any]:
     """Self GPU time per kind of kernel (the first of `kinds` whose pattern matches its name; CPU time on a CPU
-    run), per step."""
+    run), per step: "share". Then "split": the same time by kind and by phase (phase_split), which also tells
+    the loss's and the optimiser's element-wise kernels from the model's."""
     sync(device)
     prof.stop()
     totals: dict[str, float] = {kind: 0.0 for kind, _ in kinds} | {"other": 0.0}
     top: dict[str, float] = {}
     for event in prof.key_averages():
+        if getattr(event, "is_user_annotation", False) or event.key.startswith(_RANGES):
+            continue  # ranges around kernels (e.g. "Optimizer.step#AdamW.step"), not kernels: no double count
         if device.type == "cuda":
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
@@ -559,15 +705,20 @@ def stop_profiler(
             micros = event.self_cpu_time_total
         kind = next((k for k, pattern in kinds if pattern.search(event.key)), "other")
         totals[kind] += micros
-        top[event.key[:90]] = micros
+        top[event.key[:100]] = micros
     total = sum(totals.values()) or 1.0
-    return {
+    result = {
         "gpu_ms_per_step": total / 1e3 / steps,
         "share": {k: round(v / total, 4) for k, v in totals.items()},
         "top_kernels_ms_per_step": {
-            k: round(v / 1e3 / steps, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]
+            k: round(v / 1e3 / steps, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:20]
         },
     }
+    try:
+        result |= phase_split(prof, device, steps)
+    except Exception as error:  # noqa: BLE001 (the name-based share stands without it)
+        result["split_error"] = f"{type(error).__name__}: {error}"
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -739,11 +890,22 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
     for key, value in sections.items():
         if isinstance(value, dict) and "profile" in value:
+            prof = value["profile"]
             lines += [
                 "",
-                f"profile {key}: `{json.dumps(value['profile']['share'])}` "
-                f"({value['profile']['gpu_ms_per_step']:.1f} ms GPU per step)",
+                f"profile {key}: `{json.dumps(prof['share'])}` ({prof['gpu_ms_per_step']:.1f} ms GPU per step)",
             ]
+            if "split_ms_per_step" in prof:
+                lines += [
+                    "",
+                    f"split {key}, ms per step: `{json.dumps(prof['split_ms_per_step'])}`; by phase: "
+                    f"`{json.dumps(prof['by_phase_ms_per_step'])}`",
+                ]
+            if "derived" in prof:
+                lines += [
+                    "",
+                    f"rates {key}: `{json.dumps({k: round(v, 3) for k, v in prof['derived'].items()})}`",
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -818,7 +980,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run("posttrain_flex_chunked", 60, lambda: run_posttrain(Variant("flex", attn="flex_attention"), ctx))
     run("trl_flex", 60, lambda: run_trl("flex_attention", ctx))
     run(
-        "posttrain_varlen_chunked_compiled", 90, lambda: run_posttrain(Variant("compiled", compile=True), ctx)
+        "posttrain_varlen_chunked_compiled",
+        90,
+        lambda: run_posttrain(Variant("compiled", compile=True), ctx, profile=True),
     )
 
     sections = results.data["sections"]

@@ -424,8 +424,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save(results)
     rtol = FP32_RTOL if args.device == "cpu" else LOSS_RTOL
     data["scaling_efficiency"], data["agreement"] = {}, {}
+    gpus = torch.cuda.device_count() if args.device == "cuda" else None
     for strategy in args.strategy:
         name = f"2_processes_{strategy}"
+        if gpus is not None and gpus < 2:
+            data["sections"][name] = {"skipped": f"needs 2 GPUs, found {gpus}"}
+            print(f"[{name}] skipped: needs 2 GPUs, found {gpus}", flush=True)
+            continue
         two = results.section(name, 60, lambda s=strategy, n=name: launch(args, n, 2, s, results, step0))
         if one and two:
             data["scaling_efficiency"][strategy] = two["tokens_per_s"] / (2 * one["tokens_per_s"])
