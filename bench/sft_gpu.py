@@ -11,10 +11,15 @@ activation checkpointing).
 Reported per variant: tokens/s (real tokens, no padding), MFU (model FLOPs incl. causal attention within each
 sample, over the H100's 989 TFLOP/s dense bf16 peak and over the 770 TFLOP/s measured GEMM ceiling), peak
 memory, the loss curve; plus micro-benchmarks of the loss and attention kernels and a torch.profiler split of
-GPU time (attention, GEMM, loss, optimizer, other) and host data time.
+GPU time (attention, GEMM, loss, optimizer, other) and host data time. The profiled steps come after the timed
+ones (compiled and warm); besides the split by kernel name ("share") the profile splits kernel time by where each
+kernel was launched from ("split", "by_phase_ms_per_step": GEMMs, attention, the loss's other kernels, the
+optimiser and gradient clipping, inductor's fused kernels, eager element-wise kernels, other) and derives GEMM
+and attention TFLOP/s from it.
 
     python bench/sft_gpu.py --out runs/bench_sft                 # H100, ~4 min
     python bench/sft_gpu.py --tiny --device cpu --steps 3        # smoke test of every code path
+    python bench/sft_gpu.py --batch 8 --warmup 8 --steps 24 --only packing posttrain_varlen_chunked_compiled
 
 Every section runs under a global time limit (--time-limit) and writes results as it goes (sft_gpu.json,
 sft_gpu.md under --out): a section that does not fit is recorded as skipped.
@@ -411,6 +416,8 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
             seconds,
         ),
     }
+    if variant.compile:
+        result["compiled_graphs_in_process"] = _compiled_graphs()  # recompiles for new shapes show here
     if profiler is not None:
         result["profile"] = stop_profiler(profiler, device, ctx["profile_steps"])
         result["profile"]["graphs_compiled_while_profiling"] = _compiled_graphs() - graphs_before
@@ -611,8 +618,10 @@ SPLIT_KINDS = [
     ),
 ]
 SPLIT_ORDER = ["gemm", "attention", "loss", "optimizer", "compiled_fused", "elementwise", "other"]
-# Driver/runtime API calls (cudaLaunchKernel, cuLaunchKernelEx): not ops, never the phase of a kernel.
-_RUNTIME_CALL = re.compile(r"^cu[A-Z]|^cuda[A-Z]")
+# Driver/runtime API calls (cudaLaunchKernel, cuLaunchKernelEx) and the profiler's "Command Buffer Full" marks (a
+# launch waiting for room in the GPU's queue): not ops, never the phase of a kernel (their ids are CUPTI's and can
+# match other ops' kernels).
+_RUNTIME_CALL = re.compile(r"^cu[A-Z]|^cuda[A-Z]|^Command Buffer Full")
 # Ranges (CPU and their GPU-side twins), not kernels: counted through the kernels inside them.
 _RANGES = ("Optimizer.", "ProfilerStep", "clip_grad_norm")
 
@@ -643,35 +652,62 @@ def _split_kind(name: str, phase: str) -> str:
 
 
 def phase_split(prof: Any, device: torch.device, steps: int) -> dict[str, Any]:
-    """Kernel time per kind and per phase (see PHASES and SPLIT_KINDS), ms per step. On CUDA every kernel is
-    traced to the op that launched it by its correlation id ("unlinked" if none was recorded); on CPU, ops' self
-    CPU time stands in for kernels."""
+    """Kernel time per kind and per phase (see PHASES and SPLIT_KINDS), ms per step. On CUDA each kernel counts in
+    the phase of the op that launched it (the kernels the profiler links to each CPU op, as for its "Self CUDA"
+    column); kernel time it links to no op counts as "unlinked", by name alone. On CPU, ops' self CPU time stands
+    in for kernels."""
     events = prof.events()
-    cuda = device.type == "cuda"
-    launchers = {
-        e.id: e
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CPU and not _RUNTIME_CALL.match(e.name)
-    }
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    annotations = {e.name for e in events if getattr(e, "is_user_annotation", False)}
+
+    def is_range(name: str) -> bool:
+        return name in annotations or name.startswith(_RANGES)
+
     cache: dict[int, str] = {}
     by_phase: dict[str, dict[str, float]] = {}
-    for event in events:
-        if getattr(event, "is_user_annotation", False) or event.name.startswith(_RANGES):
-            continue
-        if cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            micros = event.time_range.elapsed_us()
-            launcher = launchers.get(getattr(event, "linked_correlation_id", 0) or -1)
-            phase = "unlinked" if launcher is None else _phase(launcher, cache)
-        else:
-            if event.device_type != torch.autograd.DeviceType.CPU or _RUNTIME_CALL.match(event.name):
-                continue
-            micros = event.self_cpu_time_total
-            phase = _phase(event, cache)
-        kind = _split_kind(event.name, phase)
+    # (phase, launching op, kernel) -> µs: what each phase holds, for the report's top entries
+    launched: dict[tuple[str, str, str], float] = {}
+
+    def add(phase: str, name: str, micros: float, op: str = "") -> None:
         cell = by_phase.setdefault(phase, {})
+        kind = _split_kind(name, phase)
         cell[kind] = cell.get(kind, 0.0) + micros
+        launched[phase, op, name] = launched.get((phase, op, name), 0.0) + micros
+
+    linked_us = total_us = excess_us = 0.0
+    if device.type == "cuda":
+        on_device: dict[str, float] = {}
+        for event in events:
+            if event.device_type == cuda and not is_range(event.name):
+                on_device[event.name] = on_device.get(event.name, 0.0) + event.time_range.elapsed_us()
+        pairs: list[tuple[str, str, str, float]] = []
+        linked: dict[str, float] = {}
+        for event in events:
+            if event.device_type != cpu or _RUNTIME_CALL.match(event.name) or not event.kernels:
+                continue
+            phase = _phase(event, cache)
+            for kernel in event.kernels:
+                if not is_range(kernel.name):
+                    pairs.append((phase, event.name, kernel.name, kernel.duration))
+                    linked[kernel.name] = linked.get(kernel.name, 0.0) + kernel.duration
+        # A kernel linked to more than one op (the profiler matches by correlation id) would count twice: each
+        # kernel name's linked time is scaled to its time on the device, and the excess reported.
+        for phase, op, name, micros in pairs:
+            add(phase, name, micros * min(1.0, on_device.get(name, 0.0) / linked[name]), op)
+        for name, micros in on_device.items():
+            if micros > linked.get(name, 0.0):
+                add("unlinked", name, micros - linked.get(name, 0.0))
+        total_us = sum(on_device.values())
+        linked_us = sum(min(v, on_device.get(k, 0.0)) for k, v in linked.items())
+        excess_us = sum(max(0.0, v - on_device.get(k, 0.0)) for k, v in linked.items())
+    else:
+        for event in events:
+            if event.device_type == cpu and not _RUNTIME_CALL.match(event.name) and not is_range(event.name):
+                add(_phase(event, cache), event.name, event.self_cpu_time_total, event.name)
+    top_launched: dict[str, list[str]] = {}
+    for (phase, op, name), micros in sorted(launched.items(), key=lambda kv: -kv[1]):
+        if len(top_launched.setdefault(phase, [])) < 8:
+            top_launched[phase].append(f"{micros / 1e3 / steps:.2f} ms {op[:40]} -> {name[:70]}")
     kinds = {k: sum(cell.get(k, 0.0) for cell in by_phase.values()) for k in SPLIT_ORDER}
     total = sum(kinds.values()) or 1.0
     return {
@@ -681,6 +717,9 @@ def phase_split(prof: Any, device: torch.device, steps: int) -> dict[str, Any]:
             phase: {k: round(v / 1e3 / steps, 3) for k, v in sorted(cell.items(), key=lambda kv: -kv[1])}
             for phase, cell in sorted(by_phase.items())
         },
+        "linked_to_ops": round(linked_us / total_us, 4) if total_us else None,
+        "linked_twice_ms_per_step": round(excess_us / 1e3 / steps, 3),
+        "top_by_phase": top_launched,
     }
 
 

@@ -18,7 +18,8 @@ stops otherwise); afterwards the per-step losses and gradient norms are compared
 
 Reported per run: tokens/s over all GPUs, step time, MFU per GPU (model FLOPs incl. causal attention within each
 sample, over 989 TFLOP/s dense bf16 and the 770 TFLOP/s measured GEMM ceiling), peak memory per GPU, losses;
-then scaling efficiency = tokens/s(2) / (2 · tokens/s(1)).
+then scaling efficiency = tokens/s(2) / (2 · tokens/s(1)). On CUDA each process takes a GPU: a run that needs
+more GPUs than the host shows is recorded as skipped ("needs 2 GPUs, found 1"), and the others still run.
 
     python3 bench/sft_scaling.py --out $OUT --time-limit 480                     # 2 GPUs, DDP
     python3 bench/sft_scaling.py --out $OUT --time-limit 480 --strategy ddp fsdp2
@@ -418,20 +419,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data["model"] = {"config": cfg, "matmul_params": matmul_params(cfg), "capacity": args.capacity}
     data["batch"] = {"global_packs": args.global_batch, "micro_packs": args.micro_batch, "steps": args.steps}
 
-    one = results.section("1_process", 60, lambda: launch(args, "1_process", 1, "single", results, None))
+    data["gpus_visible"] = torch.cuda.device_count() if args.device == "cuda" else None
+
+    def run(name: str, processes: int, strategy: str, expect: float | None) -> dict[str, Any] | None:
+        """One launched run, or a 'skipped' record where this host lacks a GPU per process."""
+        short = missing_gpus(args.device, processes)
+        if short is not None:
+            data["sections"][name] = {"skipped": short}
+            print(f"[{name}] skipped: {short}", flush=True)
+            return None
+        return results.section(name, 60, lambda: launch(args, name, processes, strategy, results, expect))
+
+    one = run("1_process", 1, "single", None)
     step0 = one["losses"][0] if one else None
     data["gpu"] = one["env"].get("gpu") if one else None
     save(results)
     rtol = FP32_RTOL if args.device == "cpu" else LOSS_RTOL
     data["scaling_efficiency"], data["agreement"] = {}, {}
-    gpus = torch.cuda.device_count() if args.device == "cuda" else None
     for strategy in args.strategy:
-        name = f"2_processes_{strategy}"
-        if gpus is not None and gpus < 2:
-            data["sections"][name] = {"skipped": f"needs 2 GPUs, found {gpus}"}
-            print(f"[{name}] skipped: needs 2 GPUs, found {gpus}", flush=True)
-            continue
-        two = results.section(name, 60, lambda s=strategy, n=name: launch(args, n, 2, s, results, step0))
+        two = run(f"2_processes_{strategy}", 2, strategy, step0)
         if one and two:
             data["scaling_efficiency"][strategy] = two["tokens_per_s"] / (2 * one["tokens_per_s"])
             data["agreement"][strategy] = agreement(two, one, rtol)
@@ -439,6 +445,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = save(results)
     print(text, flush=True)
     return data
+
+
+def missing_gpus(device: str, processes: int) -> str | None:
+    """Why a run of `processes` processes cannot start here (one GPU each on CUDA), or None if it can."""
+    if device != "cuda":
+        return None  # CPU processes: as many as asked
+    found = torch.cuda.device_count()  # no CUDA context in the launcher: the workers own the GPUs
+    return None if found >= processes else f"needs {processes} GPU{'s' * (processes > 1)}, found {found}"
 
 
 def save(results: Results) -> str:
