@@ -7,15 +7,21 @@ batch (P prompts × G completions with log-normal completion lengths, random tok
 once and given to both.
 
 - posttrain (fast): the GRPO trainer with grpo.pack_tokens set (--pack-tokens): prompt + completion of every
-  sequence packed without padding into rows (posttrain.trainers.grpo.micro_batches, exact BFD), attention
+  sequence packed without padding into rows (posttrain.trainers.grpo_layouts.micro_batches, exact BFD), attention
   over packed samples (posttrain.fast.attention), per-token log-probs through the head only at completion
   positions, chunked (train.loss_chunk_size = 4096, the default), grpo_loss per pack (micro_batch_loss).
 - posttrain (plain): the same trainer functions with pack_tokens unset: right-padded rows of --micro sequences.
+- posttrain (fast, compiled): the same with every decoder block compiled (`train.compile_blocks`, on by default
+  on CUDA with the vLLM backend); the log-probs go through the fused Triton loss kernel on CUDA (the default).
 - TRL: its own compute, driven without generation: GRPOTrainer._get_per_token_logps_and_entropies for the
   reference (as _generate_and_score_completions calls it) and GRPOTrainer.compute_loss per micro-batch of
   per_device_train_batch_size rows (left-padded prompts, right-padded completions), then backward. The only
   harness change: TRL would load the reference model from the hub path in the config; it gets a copy of the
-  same random-init model instead.
+  same random-init model instead. TRL at its best: its padded rows attended by the same varlen kernel after
+  unpadding by the attention mask (`posttrain_varlen_unpad`, what flash-attention does for TRL users), with
+  and without Liger's kernels (`use_liger_kernel`; TRL 1.16 computes GRPO's log-probs with its own chunked
+  fused LM head and offers no Liger GRPO loss any more) and torch.compile of policy and reference (what
+  `torch_compile=True` does to the models the Trainer prepares); "TRL's best" is the fastest of them.
 
 All three start from the same weights and see the same batch each step: their per-step losses must agree.
 
@@ -53,6 +59,7 @@ from sft_gpu import (  # noqa: E402 (the SFT benchmark's harness: time limit, mo
     TINY,
     Results,
     build_model,
+    check_no_liger_patch,
     cleanup,
     environment,
     make_adamw,
@@ -64,14 +71,15 @@ from sft_gpu import (  # noqa: E402 (the SFT benchmark's harness: time limit, mo
 )
 
 from posttrain.algorithms.grpo import GRPOLossConfig, group_advantages  # noqa: E402
-from posttrain.fast.attention import VARLEN_ATTENTION, register_varlen_attention  # noqa: E402
-from posttrain.policy import Policy  # noqa: E402
-from posttrain.trainers.grpo import (  # noqa: E402 (the trainer's own functions are what is timed)
-    frozen_logprobs,
-    micro_batch_loss,
-    micro_batches,
-    padded_sequences,
+from posttrain.fast.attention import (  # noqa: E402
+    UNPAD_VARLEN_ATTENTION,
+    VARLEN_ATTENTION,
+    register_varlen_attention,
 )
+from posttrain.fast.backbone import compile_decoder_layers  # noqa: E402
+from posttrain.policy import Policy  # noqa: E402
+from posttrain.trainers.grpo import micro_batch_loss  # noqa: E402 (the trainer's own functions are timed)
+from posttrain.trainers.grpo_layouts import frozen_logprobs, micro_batches, padded_sequences  # noqa: E402
 
 BETA, EPSILON, TEMPERATURE = 0.04, 0.2, 1.0
 LOSS_CHUNK = 4096  # train.loss_chunk_size's default
@@ -186,7 +194,9 @@ def trl_inputs(batch: dict, pad_id: int, device: torch.device) -> dict[str, torc
     }
 
 
-def make_trl_trainer(ctx: dict, model: torch.nn.Module, reference: torch.nn.Module) -> Any:
+def make_trl_trainer(
+    ctx: dict, model: torch.nn.Module, reference: torch.nn.Module, use_liger: bool = False
+) -> Any:
     import trl.trainer.grpo_trainer as grpo_module
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -213,6 +223,7 @@ def make_trl_trainer(ctx: dict, model: torch.nn.Module, reference: torch.nn.Modu
         use_cpu=ctx["device"].type != "cuda",
         report_to="none",
         use_vllm=False,
+        use_liger_kernel=use_liger,
         disable_tqdm=True,
     )
     trainer = GRPOTrainer(
@@ -228,12 +239,13 @@ def make_trl_trainer(ctx: dict, model: torch.nn.Module, reference: torch.nn.Modu
 
 def step_trl(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # noqa: ANN001
     trainer, inputs = ctx["trainer"], ctx["trl_inputs"]
+    model, ref_model = ctx.get("trl_compiled", (model, trainer.ref_model))
     n, micro = len(ctx["batch"]["completions"]), ctx["micro"]
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     with torch.no_grad():
         ref, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.ref_model, input_ids, attention_mask, inputs["completion_ids"].shape[1], batch_size=micro
+            ref_model, input_ids, attention_mask, inputs["completion_ids"].shape[1], batch_size=micro
         )
     total = torch.zeros((), device=ctx["device"])
     for start in range(0, n, micro):
@@ -255,13 +267,22 @@ def step_trl(ctx: dict, model, reference, optimizer) -> tuple[float, float]:  # 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run(name: str, ctx: dict, step_fn, attn: str, profile: bool) -> dict[str, Any]:  # noqa: ANN001
+def run(
+    name: str, ctx: dict, step_fn, attn: str, profile: bool, liger: bool = False, compile_: bool = False
+) -> dict[str, Any]:  # noqa: ANN001
     device = ctx["device"]
+    if name.startswith("posttrain"):
+        check_no_liger_patch()
     model = build_model(ctx["cfg"], attn, device, ctx["state"])
     reference = build_model(ctx["cfg"], attn, device, ctx["state"]).eval().requires_grad_(False)
-    if name == "trl":
-        ctx["trainer"] = make_trl_trainer(ctx, model, reference)
+    if name.startswith("trl"):
+        ctx["trainer"] = make_trl_trainer(ctx, model, reference, liger)
         reference = ctx["trainer"].ref_model
+        if compile_:  # as `torch_compile=True` has the Trainer do to the models it prepares
+            ctx["trl_compiled"] = (torch.compile(model), torch.compile(reference))
+    elif compile_:
+        compile_decoder_layers(model)
+        compile_decoder_layers(reference)
     optimizer = make_adamw(model, ctx["lr"])
     cleanup()
     losses, grad_norms, timed_from = [], [], None
@@ -289,6 +310,7 @@ def run(name: str, ctx: dict, step_fn, attn: str, profile: bool) -> dict[str, An
         step_fn(ctx, model, reference, optimizer)
         result["profile"] = stop_profiler(prof, device, 1)
     ctx.pop("trainer", None)
+    ctx.pop("trl_compiled", None)
     del model, reference, optimizer
     return result
 
@@ -314,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--time-limit", type=float, default=150.0)
-    parser.add_argument("--only", nargs="*", help="run only these (posttrain_fast posttrain_plain trl)")
+    parser.add_argument("--only", nargs="*", help="run only these sections (names as in the results)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/bench_grpo"))
     args = parser.parse_args(argv)
 
@@ -371,21 +393,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "posttrain_packs": len(ctx["packs"]),
         "model_tflop_per_step": ctx["flops"] / 1e12,
     }
-    plan = [
-        ("posttrain_fast", partial(step_posttrain, layout="packs"), VARLEN_ATTENTION, 30),
-        ("trl", step_trl, "sdpa", 60),
-        ("posttrain_plain", partial(step_posttrain, layout="padded"), VARLEN_ATTENTION, 45),
+    packed, padded = partial(step_posttrain, layout="packs"), partial(step_posttrain, layout="padded")
+    plan = [  # name, step, attention, seconds needed at least, Liger, compiled
+        ("posttrain_fast", packed, VARLEN_ATTENTION, 30, False, False),
+        ("posttrain_fast_compiled", packed, VARLEN_ATTENTION, 90, False, True),
+        ("trl_unpad", step_trl, UNPAD_VARLEN_ATTENTION, 45, False, False),
+        ("trl_unpad_compile", step_trl, UNPAD_VARLEN_ATTENTION, 90, False, True),
+        ("posttrain_plain", padded, VARLEN_ATTENTION, 45, False, False),
+        ("trl_sdpa", step_trl, "sdpa", 60, False, False),
+        # last: TRL's use_liger_kernel patches transformers' Llama for the whole process
+        ("trl_unpad_liger", step_trl, UNPAD_VARLEN_ATTENTION, 45, True, False),
+        ("trl_unpad_liger_compile", step_trl, UNPAD_VARLEN_ATTENTION, 90, True, True),
     ]
-    for name, step_fn, attn, needs in plan:
+    for name, step_fn, attn, needs, liger, compile_ in plan:
         results.section(
-            name, needs, lambda s=step_fn, a=attn, n=name: run(n, ctx, s, a, profile=device.type == "cuda")
+            name,
+            needs,
+            lambda n=name, s=step_fn, a=attn, li=liger, c=compile_: run(
+                n, ctx, s, a, profile=device.type == "cuda", liger=li, compile_=c
+            ),
         )
 
     sections = results.data["sections"]
     done = {k: v for k, v in sections.items() if "step_s" in v}
-    if "posttrain_fast" in done and "trl" in done:
-        results.data["speedup_vs_trl"] = done["trl"]["step_s"] / done["posttrain_fast"]["step_s"]
-        results.data["agreement_vs_trl"] = agreement(done["posttrain_fast"], done["trl"])
+    ours = {k: v for k, v in done.items() if k.startswith("posttrain_fast")}
+    theirs = {k: v for k, v in done.items() if k.startswith("trl")}
+    if ours and theirs:
+        best_ours, best_theirs = (
+            min(ours, key=lambda k: ours[k]["step_s"]),
+            min(theirs, key=lambda k: theirs[k]["step_s"]),
+        )
+        results.data["speedup_vs_trl"] = {
+            "posttrain_best": best_ours,
+            "trl_best": best_theirs,
+            "trl_variants_step_s": {k: round(v["step_s"], 4) for k, v in theirs.items()},
+            "ratio": theirs[best_theirs]["step_s"] / ours[best_ours]["step_s"],
+        }
+        results.data["agreement_vs_trl"] = {k: agreement(v, theirs[best_theirs]) for k, v in ours.items()}
     if "posttrain_fast" in done and "posttrain_plain" in done:
         results.data["speedup_vs_plain"] = (
             done["posttrain_plain"]["step_s"] / done["posttrain_fast"]["step_s"]

@@ -237,6 +237,7 @@ def main() -> None:
 
 
 def save(folder: str, gemm_rows: list[dict], train_rows: list[dict]) -> None:
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "fp8_bench.json"), "w") as f:
         json.dump(
             {

@@ -1,25 +1,30 @@
-"""SFT training step on one GPU: posttrain with its fast paths vs TRL's SFTTrainer, same model, data and order.
+"""SFT training step on one GPU: posttrain with its fast paths vs TRL's SFTTrainer at its best, same model, data
+and order.
 
 Model: a Llama-3.2-1B-shaped config (16 layers, d 2048, GQA 32/8 heads, SwiGLU 8192, vocab 128256, tied head),
 random init, fp32 master weights, bf16 autocast, fused AdamW, constant lr, clip 1.0. Data: samples with
 log-normal lengths (median 600 tokens, capped at the 4096 pack), packed by TRL's best-fit-decreasing; both
 trainers consume the same packs in the same order (TRL's sampler is made sequential), so their per-step losses
 must agree. posttrain's step is built from its pieces: PackedDataset, shifted_targets, the loss, and the
-fast-path switches of posttrain.fast (attention over packed samples, chunked loss, compiled blocks,
-activation checkpointing).
+fast-path switches of posttrain.fast (attention over packed samples, the chunked or fused loss, compiled blocks,
+FP8 linear layers, activation checkpointing).
+
+TRL's side (bench/sft_gpu_trl.py) runs with the same varlen attention kernel (what flash-attention gives a TRL
+user), with and without Liger's kernels and `torch_compile`; "TRL's best" is the fastest of those variants, and
+the speed-up is posttrain's fastest over it. The older baselines (TRL with sdpa over a dense packed mask) stay
+available under --only.
 
 Reported per variant: tokens/s (real tokens, no padding), MFU (model FLOPs incl. causal attention within each
-sample, over the H100's 989 TFLOP/s dense bf16 peak and over the 770 TFLOP/s measured GEMM ceiling), peak
-memory, the loss curve; plus micro-benchmarks of the loss and attention kernels and a torch.profiler split of
-GPU time (attention, GEMM, loss, optimizer, other) and host data time. The profiled steps come after the timed
-ones (compiled and warm); besides the split by kernel name ("share") the profile splits kernel time by where each
-kernel was launched from ("split", "by_phase_ms_per_step": GEMMs, attention, the loss's other kernels, the
-optimiser and gradient clipping, inductor's fused kernels, eager element-wise kernels, other) and derives GEMM
-and attention TFLOP/s from it.
+sample, over Hopper's 989 TFLOP/s dense bf16 peak and over the 770 TFLOP/s measured GEMM ceiling), peak
+memory, the loss curve; plus micro-benchmarks of the loss and attention kernels (bench/sft_gpu_kernels.py) and a
+torch.profiler split of GPU time (bench/gpu_harness.py): by kernel name ("share") and by where each kernel was
+launched from ("split", "by_phase_ms_per_step": GEMMs, attention, the loss's other kernels, the optimiser and
+gradient clipping, inductor's fused kernels, eager element-wise kernels, other), with GEMM and attention
+TFLOP/s derived from it. The profiled steps come after the timed ones (compiled and warm).
 
-    python bench/sft_gpu.py --out runs/bench_sft                 # H100, ~4 min
-    python bench/sft_gpu.py --tiny --device cpu --steps 3        # smoke test of every code path
-    python bench/sft_gpu.py --batch 8 --warmup 8 --steps 24 --only packing posttrain_varlen_chunked_compiled
+    python bench/sft_gpu.py --out runs/bench_sft --batch 2        # the default sections, 2 packs per step
+    python bench/sft_gpu.py --out runs/bench_sft8 --batch 8       # 8 packs per step
+    python bench/sft_gpu.py --tiny --device cpu --steps 3         # smoke test of every code path
 
 Every section runs under a global time limit (--time-limit) and writes results as it goes (sft_gpu.json,
 sft_gpu.md under --out): a section that does not fit is recorded as skipped.
@@ -28,18 +33,12 @@ sft_gpu.md under --out): a section that does not fit is recorded as skipped.
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib.metadata
+import importlib.util
 import json
 import math
 import os
-import re
-import statistics
 import sys
-import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,171 +46,54 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+def _load_bench_module(name: str) -> Any:
+    """A bench/ module by path (bench/ on sys.path would let bench/sandbox.py shadow the `sandbox` package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+_load_bench_module("gpu_harness")
+from gpu_harness import (  # noqa: E402, F401 (the harness; names re-exported to moe_gpu, grpo_gpu, sft_scaling)
+    GEMM_CEILING_TFLOPS,
+    H100_PEAK_TFLOPS,
+    KERNEL_KINDS,
+    LLAMA_1B,
+    ROOT,
+    TINY,
+    Results,
+    batch_tensors,
+    build_model,
+    check_no_liger_patch,
+    cleanup,
+    compare_losses,
+    compiled_graphs,
+    environment,
+    make_adamw,
+    matmul_params,
+    peak_gib,
+    start_profiler,
+    stop_profiler,
+    sync,
+    throughput,
+    training_flops,
+)
+
+_load_bench_module("sft_gpu_trl")
+_load_bench_module("sft_gpu_kernels")
+from sft_gpu_kernels import bench_attention, bench_losses  # noqa: E402
+from sft_gpu_trl import run_trl  # noqa: E402
 
 from posttrain.algorithms.sft import shifted_targets, token_cross_entropy_sum  # noqa: E402
 from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, plan_packs  # noqa: E402
 from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs, register_varlen_attention  # noqa: E402
 from posttrain.fast.backbone import compile_decoder_layers, hidden_states_and_head  # noqa: E402
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum  # noqa: E402
+from posttrain.model.fp8 import convert_to_fp8  # noqa: E402
 from posttrain.policy import Policy  # noqa: E402
-
-H100_PEAK_TFLOPS = 989.0  # dense bf16, datasheet
-GEMM_CEILING_TFLOPS = 770.0  # bf16 8192³ measured on this H100 (shared/ANCHORS.md)
-
-LLAMA_1B = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
-    "pad_token_id": 0,
-    "eos_token_id": 2,
-    "bos_token_id": 1,
-}
-TINY = {
-    **LLAMA_1B,
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 1024,
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Harness: time limit, results, timing
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Results:
-    """Results written to <out>/<name>.json after every section, so a killed run still leaves them."""
-
-    def __init__(self, out: Path, name: str, time_limit: float, only: list[str] | None = None) -> None:
-        self.out, self.name, self.only = out, name, only
-        self.deadline = time.monotonic() + time_limit
-        self.data: dict[str, Any] = {"sections": {}}
-        out.mkdir(parents=True, exist_ok=True)
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def section(self, key: str, needs_s: float, fn: Callable[[], Any]) -> Any:
-        if self.only and key not in self.only and key != "packing":
-            return None
-        if self.left() < needs_s:
-            self.data["sections"][key] = {"skipped": f"{self.left():.0f} s left, needs ~{needs_s:.0f} s"}
-            print(f"[{key}] skipped: {self.data['sections'][key]['skipped']}", flush=True)
-            self.save()
-            return None
-        start = time.monotonic()
-        print(f"[{key}] start ({self.left():.0f} s left)", flush=True)
-        try:
-            value = fn()
-            record = value if isinstance(value, dict) else {"value": value}
-        except Exception as error:  # a failed section must not cost the others
-            value = None
-            record = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-3000:]}
-            print(record["trace"], flush=True)
-        record = {**record, "section_s": round(time.monotonic() - start, 1)}
-        self.data["sections"][key] = record
-        self.save()
-        cleanup()
-        return value
-
-    def save(self) -> None:
-        (self.out / f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str))
-
-
-def cleanup() -> None:
-    gc.collect()
-    if torch.cuda.is_initialized():  # a process that never used the GPU (a launcher) keeps no context on it
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn: Callable[[], Any], device: torch.device, iters: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)}
-    for name in ("trl", "liger-kernel", "datasets", "triton"):
-        try:
-            env[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            env[name] = "missing"
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOPs
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def matmul_params(cfg: dict[str, Any]) -> int:
-    """Weights multiplied once per token: attention and MLP projections of every layer, and the output head."""
-    d, hd = cfg["hidden_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * cfg["intermediate_size"]
-    return cfg["num_hidden_layers"] * per_layer + cfg["vocab_size"] * d
-
-
-def training_flops(cfg: dict[str, Any], sample_lengths: list[int]) -> float:
-    """6·P·tokens for the projections, plus causal attention within each sample (QKᵀ and PV; backward = 2×):
-    per layer and sample 3 · 2 matmuls · 2 FLOPs · H·hd · n(n+1)/2."""
-    tokens = sum(sample_lengths)
-    width = cfg["num_attention_heads"] * cfg["head_dim"]
-    attention = 12 * cfg["num_hidden_layers"] * width * sum(n * (n + 1) / 2 for n in sample_lengths)
-    return 6.0 * matmul_params(cfg) * tokens + attention
-
-
-def throughput(cfg: dict[str, Any], step_lengths: list[list[int]], seconds: float) -> dict[str, float]:
-    tokens = sum(sum(lengths) for lengths in step_lengths)
-    flops = sum(training_flops(cfg, lengths) for lengths in step_lengths)
-    tflops = flops / seconds / 1e12
-    return {
-        "tokens_per_s": tokens / seconds,
-        "model_tflops": tflops,
-        "mfu_vs_989": tflops / H100_PEAK_TFLOPS,
-        "mfu_vs_770": tflops / GEMM_CEILING_TFLOPS,
-        "seconds": seconds,
-        "tokens": tokens,
-    }
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: log-normal lengths, learnable tokens, TRL's BFD packs in TRL's order
@@ -290,43 +172,6 @@ def pack_like_trl(samples: list[np.ndarray], capacity: int) -> Packs:
     return Packs(capacity, packs, "trl pack_dataset(bfd)", notes)
 
 
-def batch_tensors(dataset: PackedDataset, ids: range, device: torch.device) -> dict[str, torch.Tensor]:
-    packs = [dataset[i] for i in ids]
-    return {
-        k: torch.stack([p[k] for p in packs]).to(device, non_blocking=True)
-        for k in ("input_ids", "position_ids", "loss_mask")
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_model(cfg: dict[str, Any], attn: str, device: torch.device, state: dict | None) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**cfg)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    if state is not None:
-        model.load_state_dict(state)
-    model.config.use_cache = False
-    return model.train()
-
-
-def make_adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
-    """What both trainers use: fused AdamW (CUDA), no weight decay, betas (0.9, 0.999), eps 1e-8."""
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=lr,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        fused=model.device.type == "cuda",
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # posttrain's SFT step
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,9 +181,10 @@ def make_adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
 class Variant:
     name: str
     attn: str = VARLEN_ATTENTION  # "sdpa" (packed mask), "flex_attention", VARLEN_ATTENTION
-    loss: str = "chunked"  # "plain" (full logits, the current trainer), "chunked", "liger"
+    loss: str = "fused"  # "plain" (full logits), "chunked", "fused" (the Triton kernel), "liger"
     compile: bool = False
     checkpointing: bool = False
+    fp8: bool = False  # train.fp8: block-wise FP8 GEMMs in every linear layer but the head
     chunk_size: int = 4096
 
 
@@ -369,9 +215,11 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
         ctx["warmup"],
         ctx["batch"],
     )
+    check_no_liger_patch()
     model = build_model(cfg, variant.attn, device, ctx["state"])
     if variant.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fp8_layers = len(convert_to_fp8(model)) if variant.fp8 else 0
     if variant.compile:
         compile_decoder_layers(model)
     optimizer = make_adamw(model, ctx["lr"])
@@ -385,8 +233,9 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
         if step == warmup:
             sync(device)
             timed_from = time.perf_counter()
+            graphs_at_warmup = compiled_graphs()
         if profile and step == steps:  # after the timed steps: compiled, warm, steady
-            graphs_before = _compiled_graphs()
+            graphs_before = compiled_graphs()
             profiler = start_profiler(device)
         start = time.perf_counter()
         batch = batch_tensors(dataset, range(step * batch_packs, (step + 1) * batch_packs), device)
@@ -416,11 +265,14 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
             seconds,
         ),
     }
-    if variant.compile:
-        result["compiled_graphs_in_process"] = _compiled_graphs()  # recompiles for new shapes show here
+    if variant.compile:  # recompiles for new shapes show here
+        result["compiled_graphs_in_process"] = compiled_graphs()
+        result["graphs_compiled_in_timed_steps"] = result["compiled_graphs_in_process"] - graphs_at_warmup
+    if variant.fp8:
+        result["fp8_layers"] = fp8_layers
     if profiler is not None:
         result["profile"] = stop_profiler(profiler, device, ctx["profile_steps"])
-        result["profile"]["graphs_compiled_while_profiling"] = _compiled_graphs() - graphs_before
+        result["profile"]["graphs_compiled_while_profiling"] = compiled_graphs() - graphs_before
         profiled = [
             ctx["packs"].lengths(range(s * batch_packs, (s + 1) * batch_packs))
             for s in range(steps, total_steps)
@@ -430,13 +282,6 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
         )
     del model, optimizer
     return result
-
-
-def _compiled_graphs() -> int:
-    """Graphs torch.compile has compiled so far in this process (0 without compiled code)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def profile_rates(
@@ -466,438 +311,8 @@ def profile_rates(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# TRL's SFTTrainer on the same model, packs and order
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_trl(attn: str, ctx: dict[str, Any], profile: bool = False, use_liger: bool = False) -> dict[str, Any]:
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    device, steps, warmup = ctx["device"], ctx["steps"], ctx["warmup"]
-    total_steps = steps + (ctx["profile_steps"] if profile else 0)
-
-    class InOrder(SFTTrainer):
-        """Packs in dataset order, as posttrain reads them (TRL's own sampler would shuffle them)."""
-
-        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-    marks: dict[str, Any] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-            if state.global_step == warmup:
-                sync(device)
-                marks["from"] = time.perf_counter()
-            if state.global_step == steps:
-                sync(device)
-                marks["to"] = time.perf_counter()
-                if profile:
-                    marks["profiler"] = start_profiler(device)
-
-    samples = [
-        s.tolist() for pack in ctx["packs"].packs for s in pack
-    ]  # TRL re-packs them into the same bins
-    model = build_model(ctx["cfg"], attn, device, ctx["state"])
-    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer"))
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(
-            output_dir=tmp,
-            max_steps=total_steps,
-            per_device_train_batch_size=ctx["batch"],
-            gradient_accumulation_steps=1,
-            learning_rate=ctx["lr"],
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-            bf16=device.type == "cuda",
-            use_cpu=device.type != "cuda",
-            packing=True,
-            packing_strategy="bfd",
-            padding_free=True,
-            max_length=ctx["packs"].capacity,
-            gradient_checkpointing=False,
-            use_liger_kernel=use_liger,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
-        )
-        trainer = InOrder(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_dict({"input_ids": samples}),
-            processing_class=tokenizer,
-            callbacks=[Clock()],
-        )
-        same_packs = [list(map(len, p)) for p in ctx["packs"].packs] == [
-            list(r) for r in trainer.train_dataset["seq_lengths"]
-        ]
-        cleanup()
-        trainer.train()
-        if profile:
-            sync(device)
-            prof = stop_profiler(marks["profiler"], device, ctx["profile_steps"])
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:steps]
-    result = {
-        "attn_implementation": attn,
-        "use_liger_kernel": use_liger,
-        "same_packs_as_posttrain": same_packs,
-        "losses": losses,
-        "peak_gib": peak_gib(device),
-        **throughput(
-            ctx["cfg"],
-            [
-                ctx["packs"].lengths(range(s * ctx["batch"], (s + 1) * ctx["batch"]))
-                for s in range(warmup, steps)
-            ],
-            marks["to"] - marks["from"],
-        ),
-    }
-    if profile:
-        result["profile"] = prof
-    del trainer, model
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Profiler: GPU time by kind of kernel
-# ----------------------------------------------------------------------------------------------------------------
-
-KERNEL_KINDS = [
-    # Inductor's kernels of compiled blocks (pointwise, reductions): the fused element-wise work
-    ("compiled_fused", re.compile(r"^triton_(poi|red|per)_")),
-    ("attention", re.compile(r"flash|fmha|attention|attn|flex|triton_tem_fused", re.I)),
-    ("optimizer", re.compile(r"adam|multi_tensor|foreach|_amp_|norm_kernel|clip", re.I)),
-    (
-        "loss",
-        # exp_kernel: the chunked loss's softmax backward, exp(log p) over [chunk, vocab]; nothing else here
-        # takes exp of a large tensor (SiLU has kernels of its own)
-        re.compile(
-            r"cross_entropy|log_softmax|softmax|logsumexp|nll|liger|scatter_gather|gather|exp_kernel", re.I
-        ),
-    ),
-    ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|matmul|wgmma", re.I)),
-]
-
-
-def start_profiler(device: torch.device) -> Any:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof = profile(activities=activities)
-    prof.start()
-    return prof
-
-
-# The split by where a kernel was launched from, then by its name. A kernel's phase is that of the nearest CPU
-# range above the op that launched it: the optimiser (torch's "Optimizer.step#…"/"Optimizer.zero_grad#…" ranges,
-# the step's "clip_grad_norm" range), the loss (the chunked loss's autograd Function and its backward node,
-# Liger's, aten's cross_entropy/log_softmax/nll_loss), else the model (embedding, blocks, final norm).
-PHASES = [
-    ("optimizer", re.compile(r"^Optimizer\.|clip_grad_norm")),
-    ("loss", re.compile(r"CrossEntropy|cross_entropy|log_softmax|LogSoftmax|nll_loss|NllLoss")),
-]
-# Kinds of kernel, first match wins: GEMMs of the loss's head count as GEMMs, its other kernels as "loss".
-SPLIT_KINDS = [
-    ("compiled_fused", re.compile(r"triton_(poi|red|per)_")),  # inductor's fused kernels of compiled blocks
-    ("gemm", re.compile(r"triton_tem_fused_\w*mm")),  # inductor GEMM templates (max-autotune only)
-    ("attention", re.compile(r"flash|fmha|attention|attn|flex|sdpa|triton_tem_fused", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|matmul|wgmma|aten::(add|b)?mm\b", re.I)),
-    ("loss", re.compile(r"cross_entropy|log_softmax|softmax|logsumexp|nll|liger", re.I)),
-    (
-        "elementwise",  # eager ATen element-wise, reduction, copy, index and cat kernels (names on CUDA and CPU)
-        re.compile(r"elementwise|reduce_kernel|CatArray|index|scatter|gather|fill|copy|aten::", re.I),
-    ),
-]
-SPLIT_ORDER = ["gemm", "attention", "loss", "optimizer", "compiled_fused", "elementwise", "other"]
-# Driver/runtime API calls (cudaLaunchKernel, cuLaunchKernelEx) and the profiler's "Command Buffer Full" marks (a
-# launch waiting for room in the GPU's queue): not ops, never the phase of a kernel (their ids are CUPTI's and can
-# match other ops' kernels).
-_RUNTIME_CALL = re.compile(r"^cu[A-Z]|^cuda[A-Z]|^Command Buffer Full")
-# Ranges (CPU and their GPU-side twins), not kernels: counted through the kernels inside them.
-_RANGES = ("Optimizer.", "ProfilerStep", "clip_grad_norm")
-
-
-def _phase(event: Any, cache: dict[int, str]) -> str:
-    """The phase of the nearest enclosing CPU range that names one (PHASES), else "model"."""
-    chain, found = [], "model"
-    while event is not None:
-        if id(event) in cache:
-            found = cache[id(event)]
-            break
-        chain.append(event)
-        name = next((p for p, pattern in PHASES if pattern.search(event.name)), None)
-        if name is not None:
-            found = name
-            break
-        event = event.cpu_parent
-    for seen in chain:
-        cache[id(seen)] = found
-    return found
-
-
-def _split_kind(name: str, phase: str) -> str:
-    if phase == "optimizer" or re.search(r"adam|multi_tensor|foreach|_amp_", name, re.I):
-        return "optimizer"
-    kind = next((k for k, pattern in SPLIT_KINDS if pattern.search(name)), "other")
-    return "loss" if phase == "loss" and kind not in ("gemm", "attention") else kind
-
-
-def phase_split(prof: Any, device: torch.device, steps: int) -> dict[str, Any]:
-    """Kernel time per kind and per phase (see PHASES and SPLIT_KINDS), ms per step. On CUDA each kernel counts in
-    the phase of the op that launched it (the kernels the profiler links to each CPU op, as for its "Self CUDA"
-    column); kernel time it links to no op counts as "unlinked", by name alone. On CPU, ops' self CPU time stands
-    in for kernels."""
-    events = prof.events()
-    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    annotations = {e.name for e in events if getattr(e, "is_user_annotation", False)}
-
-    def is_range(name: str) -> bool:
-        return name in annotations or name.startswith(_RANGES)
-
-    cache: dict[int, str] = {}
-    by_phase: dict[str, dict[str, float]] = {}
-    # (phase, launching op, kernel) -> µs: what each phase holds, for the report's top entries
-    launched: dict[tuple[str, str, str], float] = {}
-
-    def add(phase: str, name: str, micros: float, op: str = "") -> None:
-        cell = by_phase.setdefault(phase, {})
-        kind = _split_kind(name, phase)
-        cell[kind] = cell.get(kind, 0.0) + micros
-        launched[phase, op, name] = launched.get((phase, op, name), 0.0) + micros
-
-    linked_us = total_us = excess_us = 0.0
-    if device.type == "cuda":
-        on_device: dict[str, float] = {}
-        for event in events:
-            if event.device_type == cuda and not is_range(event.name):
-                on_device[event.name] = on_device.get(event.name, 0.0) + event.time_range.elapsed_us()
-        pairs: list[tuple[str, str, str, float]] = []
-        linked: dict[str, float] = {}
-        for event in events:
-            if event.device_type != cpu or _RUNTIME_CALL.match(event.name) or not event.kernels:
-                continue
-            phase = _phase(event, cache)
-            for kernel in event.kernels:
-                if not is_range(kernel.name):
-                    pairs.append((phase, event.name, kernel.name, kernel.duration))
-                    linked[kernel.name] = linked.get(kernel.name, 0.0) + kernel.duration
-        # A kernel linked to more than one op (the profiler matches by correlation id) would count twice: each
-        # kernel name's linked time is scaled to its time on the device, and the excess reported.
-        for phase, op, name, micros in pairs:
-            add(phase, name, micros * min(1.0, on_device.get(name, 0.0) / linked[name]), op)
-        for name, micros in on_device.items():
-            if micros > linked.get(name, 0.0):
-                add("unlinked", name, micros - linked.get(name, 0.0))
-        total_us = sum(on_device.values())
-        linked_us = sum(min(v, on_device.get(k, 0.0)) for k, v in linked.items())
-        excess_us = sum(max(0.0, v - on_device.get(k, 0.0)) for k, v in linked.items())
-    else:
-        for event in events:
-            if event.device_type == cpu and not _RUNTIME_CALL.match(event.name) and not is_range(event.name):
-                add(_phase(event, cache), event.name, event.self_cpu_time_total, event.name)
-    top_launched: dict[str, list[str]] = {}
-    for (phase, op, name), micros in sorted(launched.items(), key=lambda kv: -kv[1]):
-        if len(top_launched.setdefault(phase, [])) < 8:
-            top_launched[phase].append(f"{micros / 1e3 / steps:.2f} ms {op[:40]} -> {name[:70]}")
-    kinds = {k: sum(cell.get(k, 0.0) for cell in by_phase.values()) for k in SPLIT_ORDER}
-    total = sum(kinds.values()) or 1.0
-    return {
-        "split": {k: round(v / total, 4) for k, v in kinds.items()},
-        "split_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in kinds.items()},
-        "by_phase_ms_per_step": {
-            phase: {k: round(v / 1e3 / steps, 3) for k, v in sorted(cell.items(), key=lambda kv: -kv[1])}
-            for phase, cell in sorted(by_phase.items())
-        },
-        "linked_to_ops": round(linked_us / total_us, 4) if total_us else None,
-        "linked_twice_ms_per_step": round(excess_us / 1e3 / steps, 3),
-        "top_by_phase": top_launched,
-    }
-
-
-def stop_profiler(
-    prof: Any, device: torch.device, steps: int, kinds: list[tuple[str, re.Pattern]] = KERNEL_KINDS
-) -> dict[str, Any]:
-    """Self GPU time per kind of kernel (the first of `kinds` whose pattern matches its name; CPU time on a CPU
-    run), per step: "share". Then "split": the same time by kind and by phase (phase_split), which also tells
-    the loss's and the optimiser's element-wise kernels from the model's."""
-    sync(device)
-    prof.stop()
-    totals: dict[str, float] = {kind: 0.0 for kind, _ in kinds} | {"other": 0.0}
-    top: dict[str, float] = {}
-    for event in prof.key_averages():
-        if getattr(event, "is_user_annotation", False) or event.key.startswith(_RANGES):
-            continue  # ranges around kernels (e.g. "Optimizer.step#AdamW.step"), not kernels: no double count
-        if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            micros = event.self_device_time_total
-        else:
-            micros = event.self_cpu_time_total
-        kind = next((k for k, pattern in kinds if pattern.search(event.key)), "other")
-        totals[kind] += micros
-        top[event.key[:100]] = micros
-    total = sum(totals.values()) or 1.0
-    result = {
-        "gpu_ms_per_step": total / 1e3 / steps,
-        "share": {k: round(v / total, 4) for k, v in totals.items()},
-        "top_kernels_ms_per_step": {
-            k: round(v / 1e3 / steps, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:20]
-        },
-    }
-    try:
-        result |= phase_split(prof, device, steps)
-    except Exception as error:  # noqa: BLE001 (the name-based share stands without it)
-        result["split_error"] = f"{type(error).__name__}: {error}"
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Micro-benchmarks: the loss through the head, and attention over one packed micro-batch
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def bench_losses(ctx: dict[str, Any]) -> dict[str, Any]:
-    device, cfg = ctx["device"], ctx["cfg"]
-    n = ctx["batch"] * ctx["packs"].capacity
-    g = torch.Generator(device).manual_seed(0)
-    hidden = torch.randn(n, cfg["hidden_size"], device=device, generator=g).requires_grad_()
-    weight = (
-        torch.randn(cfg["vocab_size"], cfg["hidden_size"], device=device, generator=g) * 0.02
-    ).requires_grad_()
-    targets = torch.randint(0, cfg["vocab_size"], (n,), device=device, generator=g)
-    targets[::50] = -100
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def plain() -> torch.Tensor:
-        return token_cross_entropy_sum(torch.nn.functional.linear(hidden, weight), targets)[0]
-
-    impls: dict[str, Callable[[], torch.Tensor]] = {"plain": plain}
-    for chunk in (1024, 4096, 8192):
-        impls[f"chunked_{chunk}"] = lambda c=chunk: chunked_token_cross_entropy_sum(
-            hidden, weight, targets, c
-        )[0]
-    impls["liger"] = lambda: chunked_token_cross_entropy_sum(hidden, weight, targets, impl="liger")[0]
-    out: dict[str, Any] = {"tokens": n}
-    reference = None
-    for name, fn in impls.items():
-
-        def step(fn=fn) -> torch.Tensor:
-            hidden.grad = weight.grad = None
-            with autocast:
-                value = fn()
-            value.backward()
-            return value
-
-        try:
-            cleanup()
-            value = float(step().detach())
-            grad = hidden.grad.float().clone()
-            ms = median_ms(step, device, iters=5, warmup=2)
-            reference = (value, grad) if reference is None else reference
-            out[name] = {
-                "fwd_bwd_ms": ms,
-                "peak_gib": peak_gib(device),
-                "value_rel_diff_vs_plain": abs(value - reference[0]) / abs(reference[0]),
-                "grad_hidden_rel_diff_vs_plain": float((grad - reference[1]).norm() / reference[1].norm()),
-            }
-        except Exception as error:  # noqa: BLE001 (liger may be missing: record and go on)
-            out[name] = {"error": f"{type(error).__name__}: {error}"}
-    return out
-
-
-def bench_attention(ctx: dict[str, Any]) -> dict[str, Any]:
-    """One layer's attention, forward + backward, over the first micro-batch's packed samples."""
-    from posttrain.fast.attention import cu_seqlens_from_position_ids, varlen_attention
-
-    device, cfg = ctx["device"], ctx["cfg"]
-    batch = batch_tensors(ctx["packs"].dataset(0), range(ctx["batch"]), device)
-    heads, kv_heads, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    b, s = batch["input_ids"].shape
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device).manual_seed(1)
-    q = torch.randn(b, heads, s, dim, device=device, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(b, kv_heads, s, dim, device=device, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(b, kv_heads, s, dim, device=device, dtype=dtype, generator=g).requires_grad_()
-    cu_seqlens, _ = cu_seqlens_from_position_ids(batch["position_ids"])
-    sample = torch.repeat_interleave(
-        torch.arange(len(cu_seqlens) - 1, device=device), cu_seqlens.diff().long()
-    )
-    sample = sample.view(b, s)
-    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
-    dense = (sample[:, :, None] == sample[:, None, :]) & causal  # [B, S, S], what sdpa's packed path builds
-    kwargs = packed_attention_kwargs(batch["position_ids"])
-
-    def sdpa_masked() -> torch.Tensor:  # as transformers' sdpa path: KV heads repeated, a boolean mask
-        groups = heads // kv_heads
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=dense[:, None]
-        ).transpose(1, 2)
-
-    def varlen() -> torch.Tensor:
-        return varlen_attention(None, q, k, v, None, **kwargs)[0]
-
-    impls = {"sdpa_dense_mask": sdpa_masked, "varlen": varlen}
-    if device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        def same_sample(b_, h_, q_idx, kv_idx):  # noqa: ANN001, ANN202
-            return (sample[b_, q_idx] == sample[b_, kv_idx]) & (q_idx >= kv_idx)
-
-        block_mask = create_block_mask(same_sample, b, None, s, s, device=device)
-        compiled = torch.compile(flex_attention)
-
-        def flex() -> torch.Tensor:
-            return compiled(q, k, v, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
-
-        impls["flex_attention"] = flex
-    flops = 12 * heads * dim * sum(n * (n + 1) / 2 for n in cu_seqlens.diff().tolist())  # fwd + bwd, causal
-    out: dict[str, Any] = {"tokens": b * s, "samples": len(cu_seqlens) - 1}
-    reference = None
-    grad_out = torch.randn(b, s, heads, dim, device=device, dtype=dtype, generator=g)
-    for name, fn in impls.items():
-
-        def step(fn=fn) -> torch.Tensor:
-            q.grad = k.grad = v.grad = None
-            result = fn()
-            result.backward(grad_out)
-            return result
-
-        try:
-            result = step().float()
-            reference = result if reference is None else reference
-            ms = median_ms(step, device, iters=5, warmup=2)
-            out[name] = {
-                "fwd_bwd_ms": ms,
-                "tflops": flops / ms / 1e9,
-                "rel_diff_vs_sdpa": float((result - reference).norm() / reference.norm()),
-            }
-        except Exception as error:  # noqa: BLE001
-            out[name] = {"error": f"{type(error).__name__}: {error}"}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def compare_losses(a: list[float], b: list[float]) -> dict[str, Any]:
-    n = min(len(a), len(b))
-    rel = [abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a[:n], b[:n], strict=True)]
-    return {
-        "steps": n,
-        "max_rel_diff": max(rel) if rel else None,
-        "first_step_rel_diff": rel[0] if rel else None,
-    }
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -918,7 +333,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
         elif isinstance(value, dict) and ("skipped" in value or "error" in value):
             lines.append(f"| {key} | {value.get('skipped') or value.get('error', '')[:80]} | | | | | |")
-    for key in ("speedup", "loss_agreement"):
+    for key in ("speedup", "fp8_speedup", "loss_agreement"):
         if key in results:
             lines += ["", f"**{key}**: `{json.dumps(results[key])}`"]
     curves = {k: v["losses"] for k, v in sections.items() if isinstance(v, dict) and v.get("losses")}
@@ -948,6 +363,98 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The default sections, in the order they run (--only runs its own list in its own order). TRL's are variants of
+# the same trainer: "TRL's best" is the fastest of them. Liger's variants come last (see check_no_liger_patch).
+DEFAULT_SECTIONS = [
+    "loss_kernels",
+    "posttrain_compiled_fused",
+    "trl_varlen_compile",
+    "posttrain_eager_fused",
+    "trl_varlen",
+    "posttrain_eager_fused_fp8",
+    "posttrain_compiled_chunked",
+    "trl_varlen_liger",  # last: TRL's use_liger_kernel patches transformers' Llama for the whole process
+    "trl_varlen_liger_compile",
+]
+
+
+def sections(ctx: dict[str, Any]) -> dict[str, tuple[float, Any]]:
+    """Every section: name -> (seconds it needs at least, what it runs). "auto" loss = the fused Triton kernel on
+    CUDA, the chunked loss elsewhere (what the trainers use)."""
+
+    def ours(variant: Variant, profile: bool = False) -> tuple[float, Any]:
+        return (90 if variant.compile else 30), lambda: run_posttrain(variant, ctx, profile=profile)
+
+    def trl(attn: str, profile: bool = False, **switches: bool) -> tuple[float, Any]:
+        return (90 if switches.get("torch_compile") else 40), lambda: run_trl(attn, ctx, profile, **switches)
+
+    return {
+        "loss_kernels": (20, lambda: bench_losses(ctx)),
+        "trl_varlen": trl(VARLEN_ATTENTION),
+        "trl_varlen_compile": trl(VARLEN_ATTENTION, profile=True, torch_compile=True),
+        "posttrain_compiled_fused": ours(Variant("compiled_fused", loss="auto", compile=True), profile=True),
+        "posttrain_eager_fused": ours(Variant("eager_fused", loss="auto"), profile=True),
+        "posttrain_compiled_fused_fp8": ours(Variant("compiled_fp8", loss="auto", compile=True, fp8=True)),
+        "posttrain_eager_fused_fp8": ours(Variant("eager_fp8", loss="auto", fp8=True), profile=True),
+        "posttrain_compiled_chunked": ours(
+            Variant("compiled_chunked", loss="chunked", compile=True), profile=True
+        ),
+        "posttrain_eager_chunked": ours(Variant("eager_chunked", loss="chunked"), profile=True),
+        "trl_varlen_liger": trl(VARLEN_ATTENTION, use_liger=True),
+        "trl_varlen_liger_compile": trl(VARLEN_ATTENTION, use_liger=True, torch_compile=True),
+        "attention_kernels": (40, lambda: bench_attention(ctx)),
+        # the earlier baselines and variants
+        "trl_sdpa": trl("sdpa"),
+        "trl_sdpa_liger": trl("sdpa", use_liger=True),
+        "posttrain_plain_sdpa": ours(Variant("plain", "sdpa", "plain")),
+        "posttrain_sdpa_chunked": ours(Variant("sdpa_chunked", attn="sdpa", loss="chunked")),
+        "posttrain_varlen_liger": ours(Variant("liger", loss="liger")),
+        "posttrain_varlen_checkpointing": ours(Variant("ckpt", loss="auto", checkpointing=True)),
+        "posttrain_flex_chunked": (60, lambda: run_posttrain(Variant("flex", attn="flex_attention"), ctx)),
+        "trl_flex": (60, lambda: run_trl("flex_attention", ctx)),
+    }
+
+
+def summarise(data: dict[str, Any]) -> None:
+    """The speed-ups: posttrain's fastest bf16 run over TRL's fastest variant, FP8 over posttrain's fastest bf16;
+    every run's losses against TRL's with the varlen kernel (eager) or the first TRL run there is."""
+    timed = {k: v for k, v in data["sections"].items() if isinstance(v, dict) and "tokens_per_s" in v}
+    ours = {k: v for k, v in timed.items() if k.startswith("posttrain") and "fp8" not in k}
+    fp8 = {k: v for k, v in timed.items() if k.startswith("posttrain") and "fp8" in k}
+    theirs = {k: v for k, v in timed.items() if k.startswith("trl")}
+
+    def best(runs: dict[str, Any]) -> str:
+        return max(runs, key=lambda k: runs[k]["tokens_per_s"])
+
+    if ours and theirs:
+        data["speedup"] = {
+            "posttrain_best": best(ours),
+            "trl_best": best(theirs),
+            "trl_variants": {k: round(v["tokens_per_s"]) for k, v in theirs.items()},
+            "tokens_per_s_ratio": ours[best(ours)]["tokens_per_s"] / theirs[best(theirs)]["tokens_per_s"],
+        }
+    if ours and fp8:
+        data["fp8_speedup"] = {
+            "fp8_best": best(fp8),
+            "bf16_best": best(ours),
+            "tokens_per_s_ratio": fp8[best(fp8)]["tokens_per_s"] / ours[best(ours)]["tokens_per_s"],
+        }
+    reference = "trl_varlen" if "trl_varlen" in theirs else next(iter(theirs), None)
+    if reference is not None:
+        agreement = {
+            k: compare_losses(v["losses"], timed[reference]["losses"])
+            for k, v in timed.items()
+            if k != reference
+        }
+        tolerance = 2e-2
+        data["loss_agreement"] = {
+            "vs": reference,
+            "tolerance_rel": tolerance,
+            "all_agree": all((a["max_rel_diff"] or 0) <= tolerance for a in agreement.values()),
+            "per_run": agreement,
+        }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short packs (smoke test)")
@@ -955,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--steps", type=int, default=30, help="optimiser steps per run (the first --warmup untimed)"
     )
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps (compilation, both sides)")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="packs per optimiser step")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -1001,50 +508,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results.data["model"] = {"config": cfg, "matmul_params": matmul_params(cfg), "capacity": capacity}
 
-    # Most important first: each later section is skipped if the time limit is near.
-    run = results.section
-    run("posttrain_plain_sdpa", 30, lambda: run_posttrain(Variant("plain", "sdpa", "plain"), ctx))
-    run("posttrain_varlen_chunked", 30, lambda: run_posttrain(Variant("fast"), ctx, profile=True))
-    trl = run("trl_sdpa", 40, lambda: run_trl("sdpa", ctx, profile=True))
-    run("loss_kernels", 20, lambda: bench_losses(ctx))
-    run("attention_kernels", 40, lambda: bench_attention(ctx))
-    run("posttrain_varlen_liger", 30, lambda: run_posttrain(Variant("liger", loss="liger"), ctx))
-    run("posttrain_sdpa_chunked", 30, lambda: run_posttrain(Variant("sdpa_chunked", attn="sdpa"), ctx))
-    run(
-        "posttrain_varlen_chunked_checkpointing",
-        30,
-        lambda: run_posttrain(Variant("ckpt", checkpointing=True), ctx),
-    )
-    run("trl_sdpa_liger", 40, lambda: run_trl("sdpa", ctx, use_liger=True))
-    run("posttrain_flex_chunked", 60, lambda: run_posttrain(Variant("flex", attn="flex_attention"), ctx))
-    run("trl_flex", 60, lambda: run_trl("flex_attention", ctx))
-    run(
-        "posttrain_varlen_chunked_compiled",
-        90,
-        lambda: run_posttrain(Variant("compiled", compile=True), ctx, profile=True),
-    )
-
-    sections = results.data["sections"]
-    timed = {k: v for k, v in sections.items() if isinstance(v, dict) and "tokens_per_s" in v}
-    ours = {k: v for k, v in timed.items() if k.startswith("posttrain")}
-    theirs = {k: v for k, v in timed.items() if k.startswith("trl")}
-    if ours and theirs:
-        best_ours = max(ours, key=lambda k: ours[k]["tokens_per_s"])
-        best_theirs = max(theirs, key=lambda k: theirs[k]["tokens_per_s"])
-        results.data["speedup"] = {
-            "posttrain_best": best_ours,
-            "trl_best": best_theirs,
-            "tokens_per_s_ratio": ours[best_ours]["tokens_per_s"] / theirs[best_theirs]["tokens_per_s"],
-        }
-    if trl is not None:
-        agreement = {k: compare_losses(v["losses"], trl["losses"]) for k, v in ours.items()}
-        tolerance = 2e-2
-        results.data["loss_agreement"] = {
-            "vs": "trl_sdpa",
-            "tolerance_rel": tolerance,
-            "all_agree": all((a["max_rel_diff"] or 0) <= tolerance for a in agreement.values()),
-            "per_run": agreement,
-        }
+    plan = sections(ctx)
+    chosen = args.only or DEFAULT_SECTIONS
+    unknown = sorted(set(chosen) - set(plan) - {"packing"})
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; known: {sorted(plan)}")
+    results.only = list(chosen)
+    for key in [k for k in chosen if k in plan]:  # in the order asked; late ones are skipped near the limit
+        needs_s, fn = plan[key]
+        results.section(key, needs_s, fn)
+    summarise(results.data)
     results.save()
     text = markdown(results.data)
     (Path(args.out) / "sft_gpu.md").write_text(text)

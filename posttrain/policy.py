@@ -18,12 +18,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from posttrain.config import ModelSection
+from posttrain.model.gguf import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -43,7 +44,8 @@ def _uses_posttrain_model(cfg: ModelSection, model_type: str) -> bool:
 def load_causal_lm(cfg: ModelSection) -> nn.Module:
     """The bare causal LM: from a checkpoint (`path`) or randomly initialised from `from_config`."""
     dtype = _torch_dtype(cfg.dtype)
-    source = cfg.path or cfg.from_config
+    path = resolve_model_path(cfg.path) if cfg.path else None  # a .gguf file: its converted checkpoint
+    source = path or cfg.from_config
     config_dict = json.loads(Path(cfg.from_config).read_text()) if cfg.from_config else None
     model_type = config_dict["model_type"] if config_dict else AutoConfig.from_pretrained(source).model_type
     if _uses_posttrain_model(cfg, model_type):
@@ -52,14 +54,14 @@ def load_causal_lm(cfg: ModelSection) -> nn.Module:
         if config_dict is not None:
             model = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(config_dict))
         else:
-            model = DeepseekV3ForCausalLM.from_pretrained(cfg.path)
+            model = DeepseekV3ForCausalLM.from_pretrained(path)
         model.set_attn_implementation(cfg.attn_implementation)  # "auto": varlen on CUDA, sdpa on CPU
         return model.to(dtype)
     attn = _attention_implementation(cfg.attn_implementation)
     if config_dict is not None:
         config = AutoConfig.for_model(**config_dict)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
 
 def _attention_implementation(name: str) -> str:

@@ -1,4 +1,5 @@
-"""End-of-run report: a PNG with one panel per metric, read back from `metrics.jsonl`."""
+"""End-of-run report: a PNG with one panel per metric, read back from `metrics.jsonl`; beside it, for runs
+that sample completions, `report.md` with the latest samples (posttrain.samples)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posttrain.metrics import read_metrics  # noqa: E402
+from posttrain.samples import write_samples_view  # noqa: E402
 
 
 def write_report(
@@ -20,6 +22,14 @@ def write_report(
 
     Metrics that never appear are left out, so one call serves runs with and without MTP, KL, etc.
     """
+    path = _plot(output_dir, panels, title, filename)
+    write_samples_view(output_dir, title)
+    return path
+
+
+def _plot(
+    output_dir: str | Path, panels: Sequence[str | tuple[str, ...]], title: str, filename: str
+) -> Path | None:
     rows = read_metrics(Path(output_dir) / "metrics.jsonl")
     groups = [(p,) if isinstance(p, str) else tuple(p) for p in panels]
     groups = [g for g in groups if any(any(k in r for r in rows) for k in g)]

@@ -113,6 +113,14 @@ def _retry_after(header: str | None) -> float | None:
         return None
 
 
+def _checkpoint_source(path: str) -> dict[str, str]:
+    """from_pretrained arguments for a checkpoint directory, or for a GGUF file (transformers dequantises it)."""
+    if path.endswith(".gguf"):
+        directory, _, name = path.rpartition("/")
+        return {"pretrained_model_name_or_path": directory or ".", "gguf_file": name}
+    return {"pretrained_model_name_or_path": path}
+
+
 class TransformersGenerator:
     """A local causal LM: each conversation goes through the tokenizer's chat template, batches are
     left-padded, and generation is greedy (``temperature == 0``) or sampled."""
@@ -130,9 +138,9 @@ class TransformersGenerator:
 
         if isinstance(model, str):
             tokenizer = tokenizer if tokenizer is not None else model
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(**_checkpoint_source(model))
         if isinstance(tokenizer, str):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(**_checkpoint_source(tokenizer))
         if tokenizer is None:
             raise ValueError("TransformersGenerator: pass a tokenizer (or a model path that holds one)")
         if not tokenizer.chat_template:

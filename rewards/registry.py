@@ -1,8 +1,9 @@
 """Finding reward functions by name: a decorator, the ``posttrain.rewards`` entry-point group, dotted paths.
 
-A reward function has TRL's shape, so functions move between toolkits unchanged::
+A reward function has TRL's shape, and is called as TRL calls it, by keyword, so functions move between
+toolkits unchanged::
 
-    fn(prompts: list, completions: list, **columns) -> list[float | None]
+    fn(prompts=prompts, completions=completions, **columns) -> list[float | None]
 
 ``prompts`` and ``completions`` are strings or chat message lists; every extra dataset column arrives as a
 keyword list of the same length. ``None`` means "this reward does not apply to this sample".
@@ -93,9 +94,19 @@ def message_text(item: str | list[dict], role: str = "assistant") -> str:
     if not isinstance(item, list):
         raise TypeError(f"expected a string or a list of chat messages, got {type(item).__name__}")
     for message in reversed(item):
-        if message.get("role") == role:
+        if message.get("role", role) == role:  # a message without a role (TRL's examples) is taken as asked
             content = message.get("content") or ""
             if isinstance(content, list):
                 return "".join(part.get("text", "") for part in content if part.get("type") == "text")
             return content
     return ""
+
+
+def as_messages(item: str | list[dict]) -> list[dict]:
+    """A completion in TRL's conversational shape, ``[{"role": "assistant", "content": text}]``; a message list
+    is returned as it is."""
+    if isinstance(item, str):
+        return [{"role": "assistant", "content": item}]
+    if not isinstance(item, list):
+        raise TypeError(f"expected a string or a list of chat messages, got {type(item).__name__}")
+    return item

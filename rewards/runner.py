@@ -21,20 +21,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.pool import BoundedPool, Call, Outcome, cpu_count, describe_exception
-from rewards.registry import get, is_batched
+from rewards.registry import as_messages, get, is_batched, message_text
 
 
 @dataclass(frozen=True)
 class RewardSpec:
     """One reward of a recipe: its name (registered, entry point or import path), weight and keyword
     arguments; ``timeout_s`` overrides the runner's bound for this reward; ``in_process`` runs it once per
-    batch in the caller's process, without a time bound, for rewards that hold a model (a local judge)."""
+    batch in the caller's process, without a time bound, for rewards that hold a model (a local judge);
+    ``completions_as`` is the shape the function reads: ``"text"`` (strings) or ``"messages"`` (TRL's
+    conversational shape, ``[{"role": "assistant", "content": ...}]``, which TRL-style rewards index into)."""
 
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
     in_process: bool = False
+    completions_as: str = "text"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class RewardRunner:
     Each sample is its own call (so one hanging completion costs one score, not a batch), bounded by
     ``timeout_s`` seconds after which its worker is killed and replaced; batched rewards are one call per
     batch. Use as a context manager, or call ``close()``.
+
+    Rewards are called by keyword, as TRL calls them: ``fn(prompts=..., completions=..., **columns, **kwargs)``.
     """
 
     def __init__(self, specs: Sequence[RewardSpec], workers: int | None = None, timeout_s: float = 10.0):
@@ -72,6 +77,12 @@ class RewardRunner:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"rewards listed twice: {duplicates}; list each reward once")
+        for spec in specs:
+            if spec.completions_as not in _COMPLETION_SHAPES:
+                raise ValueError(
+                    f"reward {spec.name!r}: completions_as={spec.completions_as!r}; choose from "
+                    f"{sorted(_COMPLETION_SHAPES)}"
+                )
         self.specs = list(specs)
         self.functions = [get(spec.name) for spec in specs]
         for spec, fn in zip(self.specs, self.functions, strict=True):
@@ -96,21 +107,23 @@ class RewardRunner:
         calls: list[Call] = []
         owners: list[tuple[int, int | None]] = []  # (spec index, sample index or None for a whole batch)
         in_process: dict[int, list[Outcome]] = {}
+        shaped = {  # each completion in the shape(s) the rewards read
+            shape: [convert(c) for c in completions]
+            for shape, convert in _COMPLETION_SHAPES.items()
+            if any(spec.completions_as == shape for spec in self.specs)
+        }
         for j, (spec, fn) in enumerate(zip(self.specs, self.functions, strict=True)):
             timeout_s = spec.timeout_s if spec.timeout_s is not None else self.timeout_s
+            given = shaped[spec.completions_as]
             if spec.in_process:
-                in_process[j] = _split(_call_batch(fn, spec.kwargs, prompts, completions, columns), n)
+                in_process[j] = _split(_call_batch(fn, spec.kwargs, prompts, given, columns), n)
             elif is_batched(fn):
-                calls.append(
-                    Call(_call_batch_checked, (fn, spec.kwargs, prompts, completions, columns), timeout_s)
-                )
+                calls.append(Call(_call_batch_checked, (fn, spec.kwargs, prompts, given, columns), timeout_s))
                 owners.append((j, None))
             else:
                 for i in range(n):
                     row = {key: values[i] for key, values in columns.items()}
-                    calls.append(
-                        Call(_call_one, (fn, spec.kwargs, prompts[i], completions[i], row), timeout_s)
-                    )
+                    calls.append(Call(_call_one, (fn, spec.kwargs, prompts[i], given[i], row), timeout_s))
                     owners.append((j, i))
 
         per_spec = {j: [Outcome()] * n for j in range(len(self.specs))} | in_process
@@ -155,6 +168,9 @@ class RewardRunner:
         self.close()
 
 
+_COMPLETION_SHAPES = {"text": message_text, "messages": as_messages}
+
+
 def _check_sendable(spec: RewardSpec, fn: Callable) -> None:
     try:
         pickle.dumps((fn, spec.kwargs))
@@ -189,11 +205,11 @@ def _validated(values: object, n: int) -> list[float | None]:
 
 def _call_one(fn: Callable, kwargs: dict, prompt: Any, completion: Any, row: dict) -> float | None:
     columns = {key: [value] for key, value in row.items()}
-    return _validated(fn([prompt], [completion], **columns, **kwargs), 1)[0]
+    return _validated(fn(prompts=[prompt], completions=[completion], **columns, **kwargs), 1)[0]
 
 
 def _call_batch_checked(fn: Callable, kwargs: dict, prompts: list, completions: list, columns: dict) -> list:
-    return _validated(fn(prompts, completions, **columns, **kwargs), len(completions))
+    return _validated(fn(prompts=prompts, completions=completions, **columns, **kwargs), len(completions))
 
 
 def _call_batch(fn: Callable, kwargs: dict, prompts: list, completions: list, columns: dict) -> Outcome:

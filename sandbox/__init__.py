@@ -8,7 +8,8 @@ rlimits), verdicts computed outside the program, a thread pool and an HTTP servi
 Imports nothing of posttrain's; see `isolation` for the layers and `_judge` for why verdicts cannot be forged.
 """
 
-from sandbox.isolation import IsolationError, IsolationReport, isolation_report
+from sandbox.isolation import IsolationError, IsolationReport
+from sandbox.launch import isolation_report
 from sandbox.pool import Pool
 from sandbox.runner import run
 from sandbox.server import Client

@@ -1,4 +1,5 @@
-"""The jail around each run, and the check that every layer of it works on this machine.
+"""The jail around each run: the command lines that build it, and the uids runs get (`launch` starts it and
+checks, once per process, that every layer works on this machine).
 
 Layers, outermost first:
 - bubblewrap (`bwrap`, Debian package `bubblewrap`) gives each run its own PID, network, IPC, UTS and mount
@@ -17,7 +18,6 @@ If a layer is missing, `run` refuses to execute anything unless the caller opts 
 (`allow_weak_isolation=True` or SANDBOX_ALLOW_WEAK_ISOLATION=1); a weak run keeps only the last group of layers.
 """
 
-import functools
 import os
 import shutil
 import sys
@@ -149,53 +149,5 @@ def judge_command(uid: int, package_dir: str) -> list[str]:
     return [PYTHON, "-I", "-S", "-c", BOOT, str(uid), package_dir]
 
 
-@functools.cache
-def isolation_report() -> IsolationReport:
-    """Which layers work on this machine. Probes a real jail once per process (tens of milliseconds)."""
-    from sandbox.runner import probe_jail
-
-    layers: dict[str, str | None] = {
-        "bubblewrap": None if bwrap_path() else "bwrap not found (Debian: apt-get install bubblewrap)",
-        "dedicated_uid": None
-        if os.geteuid() == 0
-        else "not running as root: cannot switch each run to its own uid",
-    }
-    jail_layers = (
-        "pid_namespace",
-        "network_namespace",
-        "private_files",
-        "read_only_system",
-        "undumpable_judge",
-    )
-    if not all(problem is None for problem in layers.values()):
-        return IsolationReport({**layers, **dict.fromkeys(jail_layers, "needs bubblewrap and root")})
-    try:
-        facts = probe_jail()
-    except Exception as exc:  # any failure to start the jail means none of its layers are there
-        return IsolationReport({**layers, **dict.fromkeys(jail_layers, f"probe failed: {exc}")})
-    layers["pid_namespace"] = None if facts["pid"] == 1 else f"judge has pid {facts['pid']}, not 1"
-    layers["network_namespace"] = (
-        None if facts["interfaces"] == ["lo"] else f"interfaces {facts['interfaces']}"
-    )
-    layers["private_files"] = None if not facts["visible"] else f"host paths visible: {facts['visible']}"
-    layers["read_only_system"] = None if not facts["writable"] else f"writable: {facts['writable']}"
-    layers["undumpable_judge"] = None if facts["undumpable"] else "the judge can be ptraced by the program"
-    return IsolationReport(layers)
-
-
 def weak_isolation_allowed(allow: bool) -> bool:
     return allow or os.environ.get(WEAK_ISOLATION_ENV, "") not in ("", "0")
-
-
-def require_isolation(allow_weak_isolation: bool) -> bool:
-    """True when runs get the full jail; False when the caller accepted weak isolation; else IsolationError."""
-    report = isolation_report()
-    if report.ok:
-        return True
-    if weak_isolation_allowed(allow_weak_isolation):
-        return False
-    raise IsolationError(
-        f"refusing to run untrusted code: missing isolation layer(s) {report.missing}.\n{report}\n"
-        f"Pass allow_weak_isolation=True or set {WEAK_ISOLATION_ENV}=1 to run with rlimits, a process group "
-        "and a scrubbed environment only."
-    )

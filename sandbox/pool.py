@@ -4,7 +4,7 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sandbox import isolation
+from sandbox import launch
 from sandbox.runner import run
 from sandbox.spec import Result
 
@@ -33,7 +33,7 @@ class Pool:
         max_pending = 2 * workers if max_pending is None else max_pending
         if max_pending < workers:
             raise ValueError(f"max_pending ({max_pending}) must be at least workers ({workers})")
-        isolation.require_isolation(allow_weak_isolation)  # fail loudly now, not on the first run
+        launch.require_isolation(allow_weak_isolation)  # fail loudly now, not on the first run
         self.workers = workers
         self._defaults = {"allow_weak_isolation": allow_weak_isolation, **defaults}
         self._slots = threading.BoundedSemaphore(max_pending)

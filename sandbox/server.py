@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sandbox import isolation
+from sandbox import isolation, launch
 from sandbox.pool import Pool
 from sandbox.spec import Limits, Result, TestSpec, tests_from_dict
 
@@ -53,7 +53,7 @@ def make_server(host: str, port: int, pool: Pool) -> ThreadingHTTPServer:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path != "/health":
                 return self._reply(404, {"error": f"no such path {self.path}"})
-            report = isolation.isolation_report()
+            report = launch.isolation_report()
             self._reply(200, {"workers": pool.workers, "isolation": report.layers})
 
         def do_POST(self) -> None:  # noqa: N802
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check", help="print which isolation layers work here; exit 1 if any is missing")
     args = parser.parse_args(argv)
 
-    report = isolation.isolation_report()
+    report = launch.isolation_report()
     print(report, file=sys.stderr)
     if args.command == "check":
         return 0 if report.ok else 1

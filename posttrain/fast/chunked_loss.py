@@ -17,10 +17,16 @@ Per-token log-probs (GRPO):  log p_i = z_{i,y_i}/T − logsumexp_v (z_{i,v}/T)
 
 Under autocast the GEMMs run in the autocast dtype (as the plain `lm_head` would); the master weight keeps its
 gradient in its own dtype through the cast.
+
+`impl`: "chunked" is the code below (any device); "fused" does the same math with one Triton kernel per chunk in
+place of the float32 element-wise passes (posttrain.fast.fused_loss; CUDA, or CPU under TRITON_INTERPRET=1);
+"auto" (the default) takes "fused" on CUDA when Triton is installed, else "chunked"; "liger" (cross-entropy only)
+is Liger's fused linear cross-entropy.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Literal
 
@@ -28,7 +34,25 @@ import torch
 
 from posttrain.algorithms.sft import IGNORE_INDEX
 
-LossImpl = Literal["chunked", "liger"]
+LossImpl = Literal["auto", "chunked", "fused", "liger"]
+
+
+def _resolve(impl: LossImpl, hidden: torch.Tensor) -> LossImpl:
+    if impl not in ("auto", "chunked", "fused", "liger"):
+        raise ValueError(f"loss impl must be 'auto', 'chunked', 'fused' or 'liger', got {impl!r}")
+    if impl == "fused" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "loss impl 'fused' runs Triton kernels: it needs CUDA (or TRITON_INTERPRET=1 on CPU)"
+        )
+    if impl != "auto":
+        return impl
+    if not hidden.is_cuda:
+        return "chunked"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "chunked"
+    return "fused"
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -151,20 +175,21 @@ def chunked_token_cross_entropy_sum(
     lm_head_weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_size: int = 2048,
-    impl: LossImpl = "chunked",
+    impl: LossImpl = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ −log softmax(h_i Wᵀ)[y_i] over rows with a target, and how many there are.
 
     The same numbers as `posttrain.algorithms.sft.token_cross_entropy_sum(hidden @ W.T, targets)`, values and
     gradients (w.r.t. hidden and W), without the [N, V] logits. hidden [N, d], lm_head_weight [V, d], targets [N]
-    with IGNORE_INDEX (−100) where there is no target. impl="liger" uses Liger's fused linear cross-entropy
-    (Triton, CUDA only; the package `liger-kernel` must be installed).
+    with IGNORE_INDEX (−100) where there is no target. `impl`: see the module docstring ("liger" needs the
+    package `liger-kernel`).
     """
     _check_shapes(hidden, lm_head_weight, targets)
     count = (targets != IGNORE_INDEX).sum()
     hidden, weight = _compute_dtype(hidden, lm_head_weight)
     if not torch.is_grad_enabled():  # no gradients to prepare in the forward pass
         hidden, weight = hidden.detach(), weight.detach()
+    impl = _resolve(impl, hidden)
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -172,10 +197,12 @@ def chunked_token_cross_entropy_sum(
             hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32
         )
         return total.float(), count
-    if impl != "chunked":
-        raise ValueError(f"loss impl must be 'chunked' or 'liger', got {impl!r}")
+    if impl == "fused":
+        from posttrain.fast.fused_loss import FusedLinearCrossEntropySum as function
+    else:
+        function = _LinearCrossEntropySum
     with torch.autocast(hidden.device.type, enabled=False):
-        total = _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_size)
+        total = function.apply(hidden, weight, targets, chunk_size)
     return total, count
 
 
@@ -185,12 +212,13 @@ def chunked_token_logprobs(
     targets: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 2048,
+    impl: LossImpl = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(h_i Wᵀ / T)[y_i] and the entropy of softmax(h_i Wᵀ / T), both [N] float32.
 
     The definition of `posttrain.trainers.grpo.completion_logprobs`, without the [N, V] logits: hidden [N, d]
     (only the positions whose next token is scored), lm_head_weight [V, d], targets [N] token ids.
-    Differentiable in both outputs w.r.t. hidden and W.
+    Differentiable in both outputs w.r.t. hidden and W. `impl`: "auto", "chunked" or "fused" (module docstring).
     """
     _check_shapes(hidden, lm_head_weight, targets)
     if temperature <= 0:
@@ -200,6 +228,13 @@ def chunked_token_logprobs(
             f"targets must be token ids in [0, {lm_head_weight.shape[0]}), got "
             f"[{int(targets.min())}, {int(targets.max())}]"
         )
+    impl = _resolve(impl, hidden)
+    if impl == "liger":
+        raise ValueError("loss impl 'liger' computes cross-entropy only; use 'auto', 'chunked' or 'fused'")
     hidden, weight = _compute_dtype(hidden, lm_head_weight)
+    if impl == "fused":
+        from posttrain.fast.fused_loss import FusedLinearLogprobs as function
+    else:
+        function = _LinearTokenLogprobs
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearTokenLogprobs.apply(hidden, weight, targets, temperature, chunk_size)
+        return function.apply(hidden, weight, targets, temperature, chunk_size)

@@ -113,24 +113,3 @@ def tokens_through_stop(tokens: list[int], stop: list[str], decode: Callable[[li
         else:
             high = middle
     return low
-
-
-def build_backend(kind: str, **kwargs: object) -> Backend:
-    """Build a backend by name: "hf" (transformers generate), "vllm" (in-process engine), "openai" (server).
-
-    The keyword arguments go to the backend's constructor: `HFBackend(model, tokenizer, ...)`,
-    `VLLMBackend(model_path, ...)`, `OpenAIBackend(base_url, model, ...)`.
-    """
-    if kind == "hf":
-        from posttrain.generation.hf import HFBackend
-
-        return HFBackend(**kwargs)
-    if kind == "vllm":
-        from posttrain.generation.vllm import VLLMBackend
-
-        return VLLMBackend(**kwargs)
-    if kind == "openai":
-        from posttrain.generation.openai import OpenAIBackend
-
-        return OpenAIBackend(**kwargs)
-    raise ValueError(f"unknown generation backend {kind!r}: choose 'hf', 'vllm' or 'openai'")

@@ -244,16 +244,23 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x Wᵀ with the forward, dgrad and wgrad GEMMs in block-scaled FP8 (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:  # noqa: ANN001
+    def forward(  # noqa: ANN205
+        ctx,  # noqa: ANN001
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        block_size: tuple[int, int],
+        weight_fp8: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """`weight_fp8`: W's blocks in both layouts (`quantize_blocks_both_layouts`), quantised once per
+        optimiser step by FP8Linear (the forward reads q, scale; dgrad the transposed q_t, scale_t)."""
         block = block_size[0]  # square blocks: the same tile width along K, N and tokens
         need_grad_x, need_grad_w = ctx.needs_input_grad[:2]
         x2 = x.reshape(-1, x.shape[-1])
         x_q, x_scale = quantize_blocks(x2, (1, block))
-        w_t_q = w_t_scale = x_t_q = x_t_scale = None
-        if need_grad_x:  # dgrad reduces over N: it reads W's blocks transposed, written in the same pass
-            w_q, w_scale, w_t_q, w_t_scale = quantize_blocks_both_layouts(weight, (block, block))
-        else:
-            w_q, w_scale = quantize_blocks(weight, (block, block))
+        x_t_q = x_t_scale = None
+        w_q, w_scale, w_t_q, w_t_scale = weight_fp8
+        if not need_grad_x:
+            w_t_q = w_t_scale = None
         if need_grad_w:  # wgrad reduces over tokens: keep x in FP8 with 128-token tiles, not x itself
             x_t_q, x_t_scale = quantize_blocks(x2, (block, 1), transpose=True)
         y = fp8_block_matmul(x_q, x_scale, w_q, w_scale, x.dtype, block)
@@ -273,7 +280,26 @@ class _FP8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dy_t_q, dy_t_scale = quantize_blocks(dy, (ctx.block, 1), transpose=True)
             grad_w = fp8_block_matmul(dy_t_q, dy_t_scale, x_t_q, x_t_scale, ctx.weight_dtype, ctx.block)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
+
+
+# Master weights change in the optimiser's step. Fused and foreach AdamW update them in place without bumping their
+# version counters, so the quantised-weight cache of FP8Linear is keyed on this count of optimiser steps (taken
+# by a global step hook, registered with the first FP8Linear) as well as on the weight's version (in-place edits
+# such as load_state_dict) and storage.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_optimizer_step(*args: object) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _watch_optimizer_steps() -> None:
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
 
 
 class FP8Linear(nn.Module):
@@ -300,6 +326,7 @@ class FP8Linear(nn.Module):
             raise ValueError(f"block_size must be square, got {block_size}")
         self.in_features, self.out_features = in_features, out_features
         self.block_size = tuple(block_size)
+        _watch_optimizer_steps()
         dtype = dtype or torch.get_default_dtype()
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=dtype, device=device),
@@ -331,6 +358,9 @@ class FP8Linear(nn.Module):
         layer.weight, layer.bias = linear.weight, linear.bias
         return layer
 
+    # Run eagerly inside compiled blocks (a graph break around each FP8 GEMM): dynamo cannot yet trace the
+    # quantisation kernels and the cached weight (seen with torch 2.11: wrong fake shapes, 2026-12-03).
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_fp8_storage:
             block = self.block_size[1]
@@ -338,8 +368,19 @@ class FP8Linear(nn.Module):
             y = fp8_block_matmul(x_q, x_scale, self.weight, self.weight_scale_inv, x.dtype, block)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
-            y = _FP8LinearFunction.apply(x, self.weight, self.block_size)
+            y = _FP8LinearFunction.apply(x, self.weight, self.block_size, self._quantized_weight())
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The master weight's 128×128 blocks in both layouts, quantised once between two optimiser steps (every
+        micro-batch of a step and the reference/old-policy passes reuse them)."""
+        weight = self.weight.detach()
+        key = (_OPTIMIZER_STEPS[0], weight._version, weight.data_ptr(), weight.device, weight.dtype)
+        cached = self.__dict__.get("_weight_fp8")
+        if cached is None or cached[0] != key:
+            cached = (key, quantize_blocks_both_layouts(weight, self.block_size))
+            self.__dict__["_weight_fp8"] = cached  # not a buffer: never saved, never moved by .to()
+        return cached[1]
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         # Convert between the two formats so that a bf16 checkpoint loads into FP8 storage and a V3 FP8

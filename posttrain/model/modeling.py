@@ -8,8 +8,8 @@ restarting position_ids (block-diagonal causal attention). `attn_implementation`
 on CUDA, SDPA sample by sample elsewhere), "sdpa" (one SDPA call under a dense block-diagonal mask) or "auto"
 (varlen on CUDA, sdpa on CPU), as the recipe's `model.attn_implementation` does for transformers models.
 
-Decoding: `decode_step` with a `LatentKVCache` (absorbed MLA), or the helpers `generate_greedy` /
-`generate_speculative` (decoding.py).
+Decoding: `decode_step` with a `LatentKVCache` (absorbed MLA); decoding.py builds greedy and MTP speculative
+generation on it (`generate_greedy(model, ...)`, `generate_speculative(model, ...)`).
 """
 
 from __future__ import annotations
@@ -283,20 +283,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         )
         cache.lengths += next_ids.shape[1] if num_new is None else num_new
         return self.lm_head(layer.shared_head.norm(x)), x
-
-    def generate_greedy(
-        self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None
-    ) -> list[list[int]]:
-        from posttrain.model.decoding import generate_greedy
-
-        return generate_greedy(self, prompts, max_new_tokens, eos_token_id)
-
-    def generate_speculative(
-        self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None
-    ) -> tuple[list[list[int]], dict[str, float]]:
-        from posttrain.model.decoding import generate_speculative
-
-        return generate_speculative(self, prompts, max_new_tokens, eos_token_id)
 
     # ------------------------------------------------------------------ balancing
     def update_routing_bias(

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import GenerationSection, ModelSection, PromptDataSection, RewardsSection, Section
+from posttrain.config import (
+    GenerationSection,
+    ModelSection,
+    PromptDataSection,
+    RewardsSection,
+    SampleLoggingSection,
+    Section,
+)
 
 R1_SYSTEM_PROMPT = (
     "Think the problem through inside <think></think> before answering: reason step by step, reflect on "
@@ -73,6 +80,7 @@ class TracesRecipe(Section):
     filters: FiltersSection = FiltersSection()
     output: OutputSection = OutputSection()
     run: RunSection = RunSection()
+    logging: SampleLoggingSection = SampleLoggingSection()
     output_dir: str
 
     @model_validator(mode="after")

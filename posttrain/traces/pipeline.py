@@ -28,26 +28,36 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import dump_recipe
 from posttrain.data.prompts import PromptSet, load_prompts
-from posttrain.generation.base import Backend, Completion, SamplingParams, build_backend
-from posttrain.policy import Policy, load_causal_lm, load_tokenizer
+from posttrain.generation.base import Backend, Completion, SamplingParams
+from posttrain.generation.factory import build_backend, make_backend, sampling_params
+from posttrain.model.gguf import resolve_model_path
+from posttrain.policy import load_causal_lm, load_tokenizer
+from posttrain.rollouts import make_reward_runner, score
+from posttrain.samples import (
+    TRACES_NO_SIGNAL,
+    NoSignalAlarm,
+    SampleLog,
+    unverified_fraction,
+    write_samples_view,
+)
 from posttrain.traces import filters
 from posttrain.traces.config import TracesRecipe
 from posttrain.traces.ledger import TraceLedger
 from posttrain.traces.stats import summarize, write_report
-from posttrain.trainers.grpo import make_backend, sampling_params, score
 
 log = logging.getLogger(__name__)
 
 
 def make_teacher_backend(recipe: TracesRecipe, tokenizer: PreTrainedTokenizerBase, out: Path) -> Backend:
     """vLLM loads a teacher checkpoint itself; an OpenAI-compatible server needs only the tokenizer (to cut
-    stop strings as the other backends do); otherwise the GRPO trainer's construction applies."""
+    stop strings as the other backends do); otherwise the backend generates with the teacher loaded here."""
     cfg = recipe.generation
     if cfg.backend == "vllm" and recipe.model.path is not None:
-        return build_backend("vllm", model_path=recipe.model.path, seed=cfg.seed, **cfg.options)
+        model_path = resolve_model_path(recipe.model.path)  # a .gguf teacher: its converted checkpoint
+        return build_backend("vllm", model_path=model_path, seed=cfg.seed, **cfg.options)
     if cfg.backend == "openai":
         return build_backend("openai", **{"tokenizer": tokenizer, **cfg.options})
-    return make_backend(cfg, Policy(load_causal_lm(recipe.model)), tokenizer, out)
+    return make_backend(cfg, load_causal_lm(recipe.model), tokenizer, out)
 
 
 def generate_with_retries(
@@ -222,7 +232,7 @@ def process_batch(
 
 def _fingerprint(recipe: TracesRecipe) -> dict[str, Any]:
     """What must not change between a run and its resumption (output would mix two recipes otherwise)."""
-    fields = recipe.model_dump(mode="json", exclude={"output_dir", "run"})
+    fields = recipe.model_dump(mode="json", exclude={"output_dir", "run", "logging"})
     return {**fields, "batch_prompts": recipe.run.batch_prompts}
 
 
@@ -245,8 +255,6 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
 
     `backend` replaces the recipe's teacher (tests script one); it is not closed here.
     """
-    from posttrain.trainers.loop import make_reward_runner
-
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ledger = TraceLedger(out, recipe.output.shard_rows)
@@ -269,6 +277,8 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
 
     teacher = backend or (make_teacher_backend(recipe, tokenizer, out) if todo else None)
     runner = make_reward_runner(recipe.rewards)
+    sample_log = SampleLog(out, recipe.logging.samples, recipe.accept.num_samples, None if resume else 0)
+    no_signal = NoSignalAlarm(TRACES_NO_SIGNAL)
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), unit="batch")
     try:
         for batch in todo:
@@ -279,6 +289,8 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
             outputs = generate_with_retries(teacher, [prompts.prompt_ids[i] for i in indices], params, recipe)
             rows = process_batch(prompts, indices, outputs, runner, tokenizer, params, recipe)
             ledger.commit(batch, indices, rows)
+            sample_log.write_trace_batch(batch + 1, rows["samples"], prompts.messages)
+            no_signal.update(unverified_fraction(rows["samples"]))
             accepted, total = ledger.state["accepted"]["rows"], ledger.state["samples"]["rows"]
             bar.update(1)
             bar.set_postfix({"accepted": f"{accepted}/{total}"}, refresh=False)
@@ -291,6 +303,7 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
     summary, lengths = summarize(ledger.read("samples"), ledger.read("failed"), recipe.accept.pass_at_k)
     summary["accepted_files"] = [str(p) for p in ledger.parts("accepted")]
     write_report(summary, lengths, out)
+    write_samples_view(out, f"Traces — {recipe.output_dir}")
     log.info(
         "accepted %d of %d samples (%.1f%%); %d prompts failed; report in %s",
         summary["accepted"],
@@ -300,14 +313,3 @@ def run_traces(recipe: TracesRecipe, resume: bool = False, backend: Backend | No
         out,
     )
     return out
-
-
-def accepted_files(output_dir: str | Path) -> list[str]:
-    """The accepted shards of a finished trace run (listed in its summary), for `datasets` or SFT."""
-    summary = Path(output_dir) / "summary.json"
-    if not summary.exists():
-        raise FileNotFoundError(
-            f"{output_dir}: no summary.json, so the trace run has not finished; finish it with "
-            "`posttrain traces RECIPE --resume` first"
-        )
-    return json.loads(summary.read_text())["accepted_files"]

@@ -44,13 +44,11 @@ from posttrain.config import (
     SFTRecipe,
     TrainSection,
 )
-from posttrain.data.packing import PackedDataset, plan_packs
 from posttrain.data.prompts import load_prompts
-from posttrain.data.sft import build_sft_samples
-from posttrain.generation.base import build_backend
+from posttrain.data.trace_runs import trace_sources
+from posttrain.generation.factory import build_backend
 from posttrain.policy import Policy, build_policy, load_causal_lm, load_tokenizer
-from posttrain.report import write_report
-from posttrain.trainers.grpo import evaluate
+from posttrain.rollouts import evaluate, make_reward_runner
 from posttrain.trainers.loop import (
     Checkpointer,
     Progress,
@@ -58,18 +56,12 @@ from posttrain.trainers.loop import (
     apply_memory_and_speed_switches,
     make_accelerator,
     make_optimizer,
-    make_reward_runner,
     make_scheduler,
+    optimizer_step,
     prepare_output_dir,
+    save_final_model,
 )
-from posttrain.trainers.sft import (
-    _micro_batches,
-    _one_sample_per_row,
-    _targets,
-    mtp_depth_of,
-    step_pack_ids,
-    train_sft,
-)
+from posttrain.trainers.sft import mtp_depth_of, packed_sft_data, step_batches, steps_per_epoch, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +104,6 @@ class DistillRecipe(Section):
         return self
 
 
-def trace_sources(sources: list[str]) -> list[str]:
-    """Data sources with every trace run directory replaced by its accepted shards."""
-    from posttrain.traces.pipeline import accepted_files
-
-    expanded: list[str] = []
-    for source in sources:
-        is_trace_run = Path(source).is_dir() and (Path(source) / "ledger.jsonl").exists()
-        expanded.extend(accepted_files(source) if is_trace_run else [source])
-    return expanded
-
-
 def sft_recipe(recipe: DistillRecipe) -> SFTRecipe:
     data = recipe.data.model_copy(update={"train": trace_sources(recipe.data.train)})
     return SFTRecipe(
@@ -146,7 +127,10 @@ def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, rec
         prompts = prompts.select(list(range(min(recipe.eval.max_prompts, len(prompts)))))
     backend = build_backend("hf", model=model, tokenizer=tokenizer)
     with make_reward_runner(recipe.rewards) as runner:
-        return {**evaluate(backend, runner, prompts, recipe), "eval/prompts": len(prompts)}
+        return {
+            **evaluate(backend, runner, prompts, recipe.generation, recipe.eval),
+            "eval/prompts": len(prompts),
+        }
 
 
 def train_distill(recipe: DistillRecipe, resume: bool = False) -> Path:
@@ -187,24 +171,15 @@ def train_with_kd(recipe: SFTRecipe, kd: KDSection, resume: bool = False) -> Pat
     accelerator = make_accelerator(recipe.train)
     out = prepare_output_dir(recipe.output_dir, recipe, accelerator, resume)
     tokenizer = load_tokenizer(recipe.model)
-    with accelerator.main_process_first():
-        samples, _ = build_sft_samples(recipe.data, tokenizer, cache_dir=recipe.data.cache_dir)
-    capacity = recipe.pack_capacity if recipe.packing.enabled else recipe.data.max_seq_len
-    plan = (
-        plan_packs(samples.lengths, capacity)
-        if recipe.packing.enabled
-        else _one_sample_per_row(samples, capacity)
-    )
-    dataset = PackedDataset(samples, plan, pad_id=tokenizer.pad_token_id)
+    dataset, _ = packed_sft_data(recipe, tokenizer, accelerator)
 
     policy = build_policy(recipe.model)
     apply_memory_and_speed_switches(policy, recipe.train)
     mtp_depth = mtp_depth_of(policy, recipe)
     teacher = Policy(load_causal_lm(kd.teacher)).eval().requires_grad_(False).to(accelerator.device)
     train = recipe.train
-    per_step = train.micro_batch_size * train.grad_accum
-    global_batch = per_step * accelerator.num_processes
-    total_steps = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(plan.n_bins / global_batch)))
+    world = accelerator.num_processes
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch(dataset, train, world)))
     optimizer = make_optimizer(list(policy.parameters()), train)
     scheduler = make_scheduler(optimizer, train, total_steps)
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
@@ -214,16 +189,9 @@ def train_with_kd(recipe: SFTRecipe, kd: KDSection, resume: bool = False) -> Pat
         start_step = state["step"]
     progress = Progress(accelerator, out, recipe.logging, total_steps, start_step)
     timer = StepTimer()
-    rank, world = accelerator.process_index, accelerator.num_processes
 
     for step in range(start_step, total_steps):
-        ids = step_pack_ids(step, plan.n_bins, global_batch, train.seed)
-        batches = _micro_batches(
-            dataset, ids[rank * per_step : (rank + 1) * per_step], train.micro_batch_size, accelerator.device
-        )
-        targets = [_targets(b, mtp_depth) for b in batches]
-        counts = torch.stack([torch.stack([(t != -100).sum() for t in ts]) for ts in targets]).sum(0)
-        global_counts = accelerator.reduce(counts, reduction="sum")
+        batches, targets, global_counts = step_batches(dataset, step, train, accelerator, mtp_depth)
         sums = torch.zeros(
             3, device=accelerator.device
         )  # loss, SFT loss, KD loss: shares of the step's means
@@ -254,12 +222,7 @@ def train_with_kd(recipe: SFTRecipe, kd: KDSection, resume: bool = False) -> Pat
                 loss = (1 - kd.alpha) * sft_loss + kd.alpha * kd.temperature**2 * kd_loss
                 accelerator.backward(loss * world)  # DDP averages over ranks; the loss is a global mean
             sums += torch.stack([loss.detach(), sft_loss.detach(), kd_loss.detach()]).float()
-        grad_norm = None
-        if train.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, train.max_grad_norm)
 
         done = step + 1
         means = accelerator.reduce(sums, reduction="sum")
@@ -272,18 +235,14 @@ def train_with_kd(recipe: SFTRecipe, kd: KDSection, resume: bool = False) -> Pat
             "tokens_per_s": tokens / timer.lap(),
         }
         if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
+            values["grad_norm"] = grad_norm
         progress.step(done, values, {"loss": f"{values['loss']:.4f}", "kd": f"{values['kd_loss']:.4f}"})
         if checkpointer.due(done, total_steps):
             checkpointer.save(done, {})
     progress.close()
 
-    model_dir = out / "model"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        write_report(out, KD_REPORT_PANELS, title=f"Distillation — {recipe.output_dir}")
-    accelerator.wait_for_everyone()
+    model_dir = save_final_model(
+        accelerator, model, tokenizer, out, KD_REPORT_PANELS, f"Distillation — {recipe.output_dir}"
+    )
     accelerator.end_training()
     return model_dir

@@ -18,8 +18,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from posttrain.config import CheckpointSection, LoggingSection, RewardsSection, TrainSection, dump_recipe
+from posttrain.config import CheckpointSection, LoggingSection, TrainSection, dump_recipe
 from posttrain.metrics import MetricsWriter
+from posttrain.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,39 @@ def make_accelerator(train: TrainSection) -> Accelerator:
     return accelerator
 
 
-def apply_memory_and_speed_switches(policy: torch.nn.Module, train: TrainSection) -> None:
-    """`train.gradient_checkpointing` and `train.compile_blocks`, the same way for every trainer."""
+def compile_blocks_enabled(
+    train: TrainSection, device: torch.device, decodes_with_policy: bool = False, moe_model: bool = False
+) -> bool:
+    """`train.compile_blocks`, with "auto" = on for CUDA; off on CPU (Inductor's compile time outweighs a CPU
+    run's gain), when the trainer decodes with the policy module itself (each decoding shape would recompile),
+    and for posttrain's DeepSeek-V3 (its MoE blocks have not been measured compiled: set it true to try)."""
+    if train.compile_blocks == "auto":
+        return device.type == "cuda" and not decodes_with_policy and not moe_model
+    return bool(train.compile_blocks)
+
+
+def apply_memory_and_speed_switches(
+    policy: torch.nn.Module, train: TrainSection, decodes_with_policy: bool = False
+) -> None:
+    """`train.gradient_checkpointing`, `train.fp8` and `train.compile_blocks`, the same way for every trainer.
+
+    FP8 swaps every nn.Linear of the model for an FP8Linear (posttrain.model.fp8) except the output head, the
+    MoE router and embeddings/norms, which stay in higher precision as in DeepSeek-V3; the Parameters stay the
+    master weights, so optimiser and checkpoints are unchanged. The blocks are compiled after the swap.
+    """
     if train.gradient_checkpointing and hasattr(policy.model, "gradient_checkpointing_enable"):
         policy.model.gradient_checkpointing_enable()
-    if train.compile_blocks:
+    if train.fp8:
+        from posttrain.model.fp8 import convert_to_fp8
+
+        if not convert_to_fp8(policy.model):
+            raise ValueError(
+                f"train.fp8: {type(policy.model).__name__} has no nn.Linear layers to run in FP8"
+            )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where accelerate will put it
+    if compile_blocks_enabled(
+        train, device, decodes_with_policy, getattr(policy, "is_posttrain_model", False)
+    ):
         from posttrain.fast.backbone import compile_decoder_layers
 
         compile_decoder_layers(policy.model)
@@ -81,14 +110,6 @@ def update_expert_bias(policy: torch.nn.Module, gamma: float) -> dict[str, float
     if update is None or gamma <= 0:
         return {}
     return {"moe/max_over_mean_load": update(gamma)["max_over_mean_load"]}
-
-
-def make_reward_runner(rewards: RewardsSection) -> Any:
-    """The recipe's reward functions in a bounded worker pool (`rewards.RewardRunner`); close it when done."""
-    from rewards import RewardRunner, RewardSpec
-
-    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs), r.timeout_s) for r in rewards.functions]
-    return RewardRunner(specs, workers=rewards.workers, timeout_s=rewards.timeout_s)
 
 
 class Checkpointer:
@@ -191,3 +212,41 @@ class StepTimer:
         now = time.perf_counter()
         elapsed, self.start = now - self.start, now
         return elapsed
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    max_grad_norm: float | None,
+) -> float | None:
+    """Clip the gradients to `max_grad_norm` (when set), step the optimiser and the schedule, clear the
+    gradients; returns the gradient norm before clipping (None without clipping)."""
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def save_final_model(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: Path,
+    panels: list,
+    title: str,
+) -> Path:
+    """<out>/model (HF format, with the tokenizer) and the end-of-run report, written by the main process once
+    every rank is done."""
+    model_dir = out / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        write_report(out, panels, title=title)
+    accelerator.wait_for_everyone()
+    return model_dir

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
-from posttrain.algorithms.sft import mtp_combined_loss, shifted_targets, token_cross_entropy_sum
-from posttrain.config import SFTRecipe
-from posttrain.data.packing import PackedDataset, plan_packs
-from posttrain.data.sft import build_sft_samples
+from posttrain.algorithms.sft import IGNORE_INDEX, mtp_combined_loss, shifted_targets, token_cross_entropy_sum
+from posttrain.config import SFTRecipe, TrainSection
+from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, plan_packs
+from posttrain.data.sft import DataReport, build_sft_samples
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum
 from posttrain.policy import Policy, build_policy, load_tokenizer
-from posttrain.report import write_report
 from posttrain.trainers.loop import (
     Checkpointer,
     Progress,
@@ -35,7 +35,9 @@ from posttrain.trainers.loop import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     prepare_output_dir,
+    save_final_model,
     update_expert_bias,
 )
 
@@ -57,6 +59,41 @@ def step_pack_ids(step: int, n_packs: int, global_batch: int, seed: int) -> np.n
     if len(ids) < global_batch:
         ids = np.concatenate([ids, np.resize(order, global_batch - len(ids))])
     return ids
+
+
+def packed_sft_data(
+    recipe: SFTRecipe, tokenizer: Any, accelerator: Accelerator
+) -> tuple[PackedDataset, DataReport]:
+    """The recipe's rows validated, templated and tokenised (the main process tokenises, the others read its
+    cache), in packs of `recipe.pack_capacity` tokens, or one sample per row of data.max_seq_len with packing
+    off; and what happened to the rows."""
+    with accelerator.main_process_first():
+        samples, data_report = build_sft_samples(recipe.data, tokenizer, cache_dir=recipe.data.cache_dir)
+    if recipe.packing.enabled:
+        plan = plan_packs(samples.lengths, recipe.pack_capacity)
+    else:
+        plan = _one_sample_per_row(samples, recipe.data.max_seq_len)
+    return PackedDataset(samples, plan, pad_id=tokenizer.pad_token_id), data_report
+
+
+def steps_per_epoch(dataset: PackedDataset, train: TrainSection, world: int) -> int:
+    """Optimiser steps that visit every pack once: `micro_batch_size` × `grad_accum` packs per rank per step."""
+    return math.ceil(dataset.plan.n_bins / (train.micro_batch_size * train.grad_accum * world))
+
+
+def step_batches(
+    dataset: PackedDataset, step: int, train: TrainSection, accelerator: Accelerator, mtp_depth: int
+) -> tuple[list[dict[str, torch.Tensor]], list[list[torch.Tensor]], torch.Tensor]:
+    """This rank's micro-batches of optimiser step `step`, their targets (main head, then each MTP depth) and
+    the step's target count per head summed over all ranks: the normaliser of the step's mean loss."""
+    per_step = train.micro_batch_size * train.grad_accum
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ids = step_pack_ids(step, dataset.plan.n_bins, per_step * world, train.seed)
+    local = ids[rank * per_step : (rank + 1) * per_step]
+    batches = _micro_batches(dataset, local, train.micro_batch_size, accelerator.device)
+    targets = [_targets(b, mtp_depth) for b in batches]
+    counts = torch.stack([torch.stack([(t != IGNORE_INDEX).sum() for t in ts]) for ts in targets]).sum(0)
+    return batches, targets, accelerator.reduce(counts, reduction="sum")
 
 
 def _micro_batches(dataset: PackedDataset, ids: np.ndarray, size: int, device: torch.device) -> list[dict]:
@@ -90,22 +127,15 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
     out = prepare_output_dir(recipe.output_dir, recipe, accelerator, resume)
     tokenizer = load_tokenizer(recipe.model)
 
-    with accelerator.main_process_first():  # the main process tokenises; the others read its cache
-        samples, data_report = build_sft_samples(recipe.data, tokenizer, cache_dir=recipe.data.cache_dir)
-    capacity = recipe.pack_capacity if recipe.packing.enabled else recipe.data.max_seq_len
-    plan = (
-        plan_packs(samples.lengths, capacity)
-        if recipe.packing.enabled
-        else _one_sample_per_row(samples, capacity)
-    )
-    dataset = PackedDataset(samples, plan, pad_id=tokenizer.pad_token_id)
+    dataset, data_report = packed_sft_data(recipe, tokenizer, accelerator)
+    plan = dataset.plan
     if accelerator.is_main_process:
-        data_summary = {**data_report.as_dict(), "packs": plan.n_bins, "pack_capacity": capacity}
+        data_summary = {**data_report.as_dict(), "packs": plan.n_bins, "pack_capacity": plan.capacity}
         data_summary["packing_efficiency"] = plan.efficiency
         (out / "data_report.json").write_text(json.dumps(data_summary, indent=2))
         log.info(
             "data: %d samples in %d packs (efficiency %.2f%%)",
-            len(samples),
+            len(dataset.samples),
             plan.n_bins,
             100 * plan.efficiency,
         )
@@ -114,10 +144,8 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
     apply_memory_and_speed_switches(policy, recipe.train)
     mtp_depth = mtp_depth_of(policy, recipe)
     train = recipe.train
-    per_step = train.micro_batch_size * train.grad_accum
-    global_batch = per_step * accelerator.num_processes
-    steps_per_epoch = math.ceil(plan.n_bins / global_batch)
-    total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
+    epoch_steps = steps_per_epoch(dataset, train, accelerator.num_processes)
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * epoch_steps))
 
     optimizer = make_optimizer(list(policy.parameters()), train)
     scheduler = make_scheduler(optimizer, train, total_steps)
@@ -131,15 +159,9 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
 
     progress = Progress(accelerator, out, recipe.logging, total_steps, start_step)
     timer = StepTimer()
-    rank = accelerator.process_index
     unwrapped: Policy = accelerator.unwrap_model(model)
     for step in range(start_step, total_steps):
-        ids = step_pack_ids(step, plan.n_bins, global_batch, train.seed)
-        local = ids[rank * per_step : (rank + 1) * per_step]
-        batches = _micro_batches(dataset, local, train.micro_batch_size, accelerator.device)
-        targets = [_targets(b, mtp_depth) for b in batches]
-        counts = torch.stack([torch.stack([(t != -100).sum() for t in ts]) for ts in targets]).sum(0)
-        global_counts = accelerator.reduce(counts, reduction="sum")
+        batches, targets, global_counts = step_batches(dataset, step, train, accelerator, mtp_depth)
 
         loss_sums = torch.zeros(mtp_depth + 1, device=accelerator.device)
         model.train()
@@ -171,12 +193,7 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
                 accelerator.backward(loss * accelerator.num_processes)
             loss_sums += torch.stack([s.detach().float() for s in sums])
 
-        grad_norm = None
-        if train.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, train.max_grad_norm)
         balance = update_expert_bias(unwrapped, recipe.model.expert_bias_update)
 
         done = step + 1
@@ -189,13 +206,13 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": tokens / seconds,
             "target_tokens": int(global_counts[0]),
-            "epoch": step / steps_per_epoch,
+            "epoch": step / epoch_steps,
         }
         values.update(balance)
         if mtp_depth:
             values["mtp_loss"] = float(means[1:].mean())
         if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
+            values["grad_norm"] = grad_norm
         progress.step(
             done, values, {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_s']:.0f}"}
         )
@@ -203,20 +220,14 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
             checkpointer.save(done, {"epoch": values["epoch"]})
     progress.close()
 
-    model_dir = out / "model"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        write_report(out, SFT_REPORT_PANELS, title=f"SFT — {recipe.output_dir}")
-    accelerator.wait_for_everyone()
+    model_dir = save_final_model(
+        accelerator, model, tokenizer, out, SFT_REPORT_PANELS, f"SFT — {recipe.output_dir}"
+    )
     accelerator.end_training()
     return model_dir
 
 
-def _one_sample_per_row(samples: Any, capacity: int) -> Any:
-    from posttrain.data.packing import PackPlan
-
+def _one_sample_per_row(samples: TokenizedSamples, capacity: int) -> PackPlan:
     n = len(samples)
     return PackPlan(
         bin_offsets=np.arange(n + 1, dtype=np.int64),

@@ -1,6 +1,6 @@
 import pytest
 
-from posttrain.evals.rewardbench import (
+from posttrain.evals.scoring import (
     PairResult,
     classifier_pair_score,
     judge_pair_score,

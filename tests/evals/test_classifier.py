@@ -4,14 +4,9 @@ import json
 import pytest
 import torch
 
-from posttrain.evals.rewardbench import (
-    classifier_rewards,
-    conversation,
-    load_classifier,
-    load_pairs,
-    score_with_classifier,
-    subset_accuracies,
-)
+from posttrain.evals.pairs import conversation, load_pairs
+from posttrain.evals.rewardbench import classifier_rewards, load_classifier, score_with_classifier
+from posttrain.evals.scoring import subset_accuracies
 
 
 @pytest.fixture(scope="module")

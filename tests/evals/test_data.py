@@ -5,7 +5,8 @@ import datasets
 import pytest
 
 from posttrain.evals.make_pairs import make_pairs
-from posttrain.evals.rewardbench import SECTIONS, Pair, load_pairs, sample_pairs
+from posttrain.evals.pairs import Pair, load_pairs, sample_pairs
+from posttrain.evals.scoring import SECTIONS
 
 ROWS = [
     {

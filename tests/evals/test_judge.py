@@ -2,7 +2,9 @@ from collections import Counter
 
 import pytest
 
-from posttrain.evals.rewardbench import load_pairs, score_with_judge, subset_accuracies
+from posttrain.evals.pairs import load_pairs
+from posttrain.evals.rewardbench import score_with_judge
+from posttrain.evals.scoring import subset_accuracies
 
 
 class RecordingJudge:

@@ -6,14 +6,8 @@ import pydantic
 import pytest
 import yaml
 
-from posttrain.evals.rewardbench import (
-    SECTIONS,
-    PairResult,
-    RewardBenchConfig,
-    judge_pair_score,
-    run_rewardbench,
-    summarize,
-)
+from posttrain.evals.rewardbench import RewardBenchConfig, run_rewardbench
+from posttrain.evals.scoring import SECTIONS, PairResult, judge_pair_score, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

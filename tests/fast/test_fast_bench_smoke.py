@@ -1,5 +1,6 @@
 """The GPU benchmarks' code paths on a tiny model on CPU (fp32): posttrain's fast SFT and GRPO steps give TRL's
-losses (and, for GRPO, TRL's gradient norms) step by step on the same packs and batch.
+losses (and, for GRPO, TRL's gradient norms) step by step on the same packs and batch, TRL attending through the
+same varlen kernel (packed rows for SFT, padded rows unpadded by the mask for GRPO).
 """
 
 from __future__ import annotations
@@ -37,23 +38,26 @@ def test_sft_bench_fast_path_gives_trl_losses(repo_root, tmp_path):
             "--out",
             str(tmp_path),
         ]
-        + ["--only", "posttrain_varlen_chunked", "trl_sdpa"]
+        + ["--only", "posttrain_eager_chunked", "trl_varlen"]
     )
     sections = results["sections"]
-    assert sections["trl_sdpa"]["same_packs_as_posttrain"]
-    agreement = results["loss_agreement"]["per_run"]["posttrain_varlen_chunked"]
+    assert sections["trl_varlen"]["same_packs_as_posttrain"]
+    assert results["loss_agreement"]["vs"] == "trl_varlen"
+    agreement = results["loss_agreement"]["per_run"]["posttrain_eager_chunked"]
     assert agreement["steps"] == 3 and agreement["max_rel_diff"] < 1e-5
-    assert sections["posttrain_varlen_chunked"]["tokens_per_s"] > 0
+    assert sections["posttrain_eager_chunked"]["tokens_per_s"] > 0
+    assert results["speedup"]["trl_best"] == "trl_varlen"
     rows = (tmp_path / "sft_gpu.md").read_text().splitlines()
-    assert sum(row.startswith("| posttrain_varlen_chunked | ") for row in rows) == 1  # its throughput row
+    assert sum(row.startswith("| posttrain_eager_chunked | ") for row in rows) == 1  # its throughput row
 
 
 @pytest.mark.slow
 def test_grpo_bench_fast_path_gives_trl_losses_and_gradients(repo_root, tmp_path):
     results = _bench("grpo_gpu", repo_root).main(
         ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--prompts", "2", "--group", "4"]
-        + ["--micro", "4", "--out", str(tmp_path), "--only", "posttrain_fast", "trl"]
+        + ["--micro", "4", "--out", str(tmp_path), "--only", "posttrain_fast", "trl_unpad"]
     )
     assert results["batch"]["posttrain_packs"] < results["batch"]["sequences"]  # packed, not one row each
-    agreement = results["agreement_vs_trl"]
+    assert results["speedup_vs_trl"]["trl_best"] == "trl_unpad"  # TRL's padded rows through the unpad kernel
+    agreement = results["agreement_vs_trl"]["posttrain_fast"]
     assert agreement["loss_max_abs_rel"] < 1e-5 and agreement["grad_norm_max_rel"] < 1e-5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,4 +127,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_cross_entropy_sum(hidden, weight, torch.zeros(4, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="loss impl"):
-        chunked_token_cross_entropy_sum(hidden, weight, torch.zeros(4, dtype=torch.long), impl="fused")
+        chunked_token_cross_entropy_sum(hidden, weight, torch.zeros(4, dtype=torch.long), impl="fast")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="'fused' runs Triton kernels: it needs CUDA"):
+            chunked_token_logprobs(hidden, weight, torch.zeros(4, dtype=torch.long), impl="fused")

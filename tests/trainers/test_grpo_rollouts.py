@@ -9,7 +9,8 @@ import torch
 from posttrain.config import GRPORecipe
 from posttrain.data.prompts import PromptSet
 from posttrain.generation.base import Completion, SamplingParams
-from posttrain.trainers.grpo import collect_rollouts, completion_tensors
+from posttrain.rollouts import collect_rollouts
+from posttrain.trainers.grpo_layouts import completion_tensors
 
 
 class ScriptedBackend:
@@ -89,7 +90,7 @@ def test_chunked_completion_logprobs_equal_the_plain_ones(tiny_qwen2_config_path
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from posttrain.policy import Policy
-    from posttrain.trainers.grpo import completion_logprobs
+    from posttrain.trainers.grpo_layouts import completion_logprobs
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(**json.loads(open(tiny_qwen2_config_path).read()))

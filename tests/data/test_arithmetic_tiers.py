@@ -1,0 +1,154 @@
+"""The generated arithmetic task's two tiers and the rephrased held-out set: answers recomputed from each problem's
+parts, wordings kept apart, files reproducible."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from posttrain.data import arithmetic as easy
+from posttrain.data import arithmetic_rephrased as rephrased
+from posttrain.data.arithmetic import generate_splits, problem_maker, write_bundled_data
+from posttrain.data.arithmetic_hard import KINDS, make_hard_problem
+
+STEP = re.compile(r"^(?:[\w ]+: )?(\d+) ([-+*/]) (\d+) = (\d+)(?: remainder (\d+))?$")
+
+
+def recompute(kind: str, f: dict[str, int]) -> int:
+    """Each kind's answer from the quantities in its question, written out independently of the generator."""
+    if kind == "change":
+        return f["paid"] - f["q1"] * f["p1"] - f["q2"] * f["p2"]
+    if kind == "packing":
+        remaining = f["start"] + f["more"] - f["given"]
+        return remaining % f["size"] if f["ask_left"] else remaining // f["size"]
+    if kind == "factory":
+        good = f["rate"] * f["hours"] + f["rate2"] * f["hours2"] - f["rejected"]
+        return good // f["crate"]
+    if kind == "trip":
+        return f["trip"] - f["speed"] * f["hours"] - f["speed2"] * f["hours2"]
+    if kind == "savings":
+        money = f["wage"] * f["weeks"] + f["had"] - f["spent"]
+        return money % f["price"] if f["ask_left"] else money // f["price"]
+    if kind == "stock":
+        return f["start"] - f["monday"] - f["tuesday"] + f["crates"] * f["per_crate"]
+    if kind == "tickets":
+        total = f["adults"] * f["adult_price"] + f["children"] * f["child_price"] - f["coupon"]
+        assert total % f["friends"] == 0, f"tickets: {total} does not split among {f['friends']}"
+        return total // f["friends"]
+    raise AssertionError(f"unknown kind {kind}")
+
+
+def check_step(line: str) -> None:
+    match = STEP.match(line)
+    assert match, f"step not in `a op b = c` form: {line!r}"
+    a, op, b, result, remainder = match.groups()
+    a, b, result = int(a), int(b), int(result)
+    if op == "/":
+        expected = divmod(a, b)
+        assert (result, int(remainder or 0)) == expected, line
+    else:
+        assert result == {"+": a + b, "-": a - b, "*": a * b}[op], line
+
+
+def test_every_hard_answer_is_recomputed_from_the_problem_parts():
+    rng = random.Random(7)
+    problems = [make_hard_problem(rng) for _ in range(1500)]
+    assert {p.kind for p in problems} == set(KINDS)
+    for problem in problems:
+        assert problem.answer == recompute(problem.kind, problem.facts), problem.question
+        assert problem.answer >= 0 and 3 <= len(problem.steps) <= 5, problem.question
+        for line in problem.steps:
+            check_step(line)
+        last = STEP.match(problem.steps[-1]).groups()
+        assert problem.answer in (int(last[3]), int(last[4] or -1)), "the last step gives the answer"
+        for value in problem.facts.values():  # every quantity the answer uses is stated in the question
+            assert value in (0, 1) or re.search(rf"\b{value}\b", problem.question), (value, problem.question)
+        numbers = [int(n) for n in re.findall(r"\d+", problem.question + " ".join(problem.steps))]
+        assert max(numbers) >= 100, f"no three-digit quantity: {problem.question}"
+        trace = problem.trace()
+        assert trace.startswith("<think>\n") and trace.endswith(
+            f"</think>\nThe answer is \\boxed{{{problem.answer}}}."
+        )
+    with_distractor = sum(
+        re.search(r"years old|meters from|stickers|degrees|house number", p.question) is not None
+        for p in problems
+    )
+    assert 0.5 < with_distractor / len(problems) < 0.7
+    remainders = [p for p in problems if " remainder " in p.steps[-1]]
+    assert any(p.answer != 0 and p.facts.get("ask_left") for p in remainders)
+
+
+def test_generation_is_deterministic_by_seed():
+    first = generate_splits(3, 50, 20, 10, difficulty="hard")
+    assert first == generate_splits(3, 50, 20, 10, difficulty="hard")
+    assert first != generate_splits(4, 50, 20, 10, difficulty="hard")
+    questions = [json.dumps(row) for split in first.values() for row in split]
+    assert len(set(questions)) == len(questions) == 80
+    with pytest.raises(ValueError, match="difficulty: expected 'easy' or 'hard', got 'medium'"):
+        problem_maker("medium")
+
+
+def test_bundled_files_are_regenerated_byte_for_byte(tmp_path, repo_root):
+    """Both tiers' files (and the tokenizer trained on the easy tier) come out of `python -m
+    posttrain.data.arithmetic` unchanged: adding the hard tier did not move the easy tier's random stream."""
+    write_bundled_data(tmp_path, seed=0)
+    write_bundled_data(tmp_path, seed=0, difficulty="hard")
+    for tier in ("arith", "arith_hard"):
+        for split in ("sft", "rl", "test"):
+            written = (tmp_path / tier / f"{split}.jsonl").read_bytes()
+            assert written == (repo_root / "data" / tier / f"{split}.jsonl").read_bytes(), f"{tier}/{split}"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "tokenizer" / name).read_bytes() == (
+            repo_root / "data/tokenizer" / name
+        ).read_bytes()
+    hard_test = [
+        json.loads(line) for line in (repo_root / "data/arith_hard/test.jsonl").read_text().splitlines()
+    ]
+    assert len(hard_test) == 200 and set(hard_test[0]) == {"prompt", "answer"}
+
+
+def sentence_skeletons(question: str) -> set[str]:
+    """The question's sentences with numbers, names and objects blanked: what a template fixes."""
+    words = {*easy.NAMES, *rephrased.NAMES}, {*easy.ITEMS, *rephrased.ITEMS}
+    text = re.sub(r"\d+", "N", question)
+    text = re.sub(r"\b(" + "|".join(words[0]) + r")\b", "NAME", text)
+    text = re.sub(r"\b(" + "|".join(words[1]) + r")\b", "ITEM", text)
+    return {s.strip() for s in re.split(r"(?<=[.?;])\s", text) if s.strip()}
+
+
+def test_rephrased_set_asks_the_easy_operations_in_new_sentences(repo_root):
+    rng = random.Random(0)
+    generator_sentences = set().union(
+        *(sentence_skeletons(easy.make_problem(rng).question) for _ in range(500))
+    )
+    assert len(generator_sentences) == 6  # 3 kinds x (statement, question)
+    rng = random.Random(1)
+    problems = [rephrased.make_rephrased_problem(rng) for _ in range(500)]
+    formulas = {
+        "add_then_give": lambda a, b, c: a + b - c,
+        "groups_plus_extra": lambda a, b, c: a * b + c,
+        "take_away": lambda a, b: a - b,
+    }
+    ranges = {  # the easy generator's number ranges
+        "add_then_give": lambda a, b, c: 1 <= a <= 9 and 1 <= b <= 9 and 1 <= c < a + b,
+        "groups_plus_extra": lambda a, b, c: 2 <= a <= 5 and 2 <= b <= 5 and 1 <= c <= 9,
+        "take_away": lambda a, b: 5 <= a <= 19 and 1 <= b < a,
+    }
+    templates = set()
+    for problem in problems:
+        assert problem.answer == formulas[problem.kind](**problem.facts), problem.question
+        assert ranges[problem.kind](**problem.facts), problem.question
+        skeletons = sentence_skeletons(problem.question)
+        assert not skeletons & generator_sentences, problem.question
+        assert not re.search(r"\b(" + "|".join(easy.NAMES + easy.ITEMS) + r")\b", problem.question)
+        templates.add(frozenset(skeletons))
+    assert len(templates) == sum(len(t) for t in rephrased.TEMPLATES.values())
+    lines = (repo_root / "data/arith/test_rephrased.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rephrased.rephrased_rows(seed=0)
+    assert len(lines) == 200 and set(json.loads(lines[0])) == {"prompt", "answer"}
+    held_out = {json.dumps(json.loads(line)["prompt"]) for line in lines}
+    bundled = (repo_root / "data/arith/test.jsonl").read_text().splitlines()
+    assert not held_out & {json.dumps(json.loads(line)["prompt"]) for line in bundled}
