@@ -285,12 +285,22 @@ SPLIT_KINDS = [
     ("attention", re.compile(r"flash|fmha|attention|attn|flex|sdpa|triton_tem_fused", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|matmul|wgmma|aten::(add|b)?mm\b", re.I)),
     ("loss", re.compile(r"cross_entropy|log_softmax|softmax|logsumexp|nll|liger", re.I)),
+    ("fp8_quantize", re.compile(r"quantize", re.I)),  # train.fp8's activation/gradient/weight quantisation
     (
         "elementwise",  # eager ATen element-wise, reduction, copy, index and cat kernels (names on CUDA and CPU)
         re.compile(r"elementwise|reduce_kernel|CatArray|index|scatter|gather|fill|copy|aten::", re.I),
     ),
 ]
-SPLIT_ORDER = ["gemm", "attention", "loss", "optimizer", "compiled_fused", "elementwise", "other"]
+SPLIT_ORDER = [
+    "gemm",
+    "attention",
+    "loss",
+    "optimizer",
+    "compiled_fused",
+    "fp8_quantize",
+    "elementwise",
+    "other",
+]
 # Driver/runtime API calls (cudaLaunchKernel, cuLaunchKernelEx) and the profiler's "Command Buffer Full" marks (a
 # launch waiting for room in the GPU's queue): not ops, never the phase of a kernel (their ids are CUPTI's and can
 # match other ops' kernels).

@@ -16,6 +16,9 @@ update):
                     dense packed mask) and experts implementation, MTP off
   posttrain_mtp     posttrain with one MTP module (λ = the SFT recipe's default weight)
   posttrain_bf16, transformers_bf16   (if time is left, and --weights is fp32) both with bf16 weights
+  posttrain_fp8     posttrain with `train.fp8` (convert_to_fp8): block-scaled FP8 GEMMs in every nn.Linear (MLA
+                    projections, shared experts, the dense layer's MLP); the routed experts' grouped GEMMs, the
+                    router and the head stay in bf16
 
 Before anything is timed, posttrain's and transformers' step-0 loss and final hidden states on the first batch
 must agree (the script stops otherwise); the per-step losses of the first two runs are compared afterwards.
@@ -29,6 +32,7 @@ MoE routing/permutation, loss, optimiser, other; by kernel name, so approximate)
 
     python bench/moe_gpu.py --out runs/bench_moe --time-limit 420      # H100, < 8 min
     python bench/moe_gpu.py --tiny --device cpu                       # smoke test of every code path (CPU)
+    python bench/moe_gpu.py --only posttrain posttrain_fp8            # FP8 on and off
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ from posttrain.algorithms.sft import mtp_combined_loss, shifted_targets, token_c
 from posttrain.config import MTPSection, TrainSection  # noqa: E402
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum  # noqa: E402
 from posttrain.model import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from posttrain.model.fp8 import convert_to_fp8  # noqa: E402
 from posttrain.policy import Policy  # noqa: E402
 from posttrain.trainers.loop import make_optimizer, update_expert_bias  # noqa: E402
 
@@ -243,6 +248,14 @@ def build_posttrain(ctx: Context, mtp_depth: int, weights: torch.dtype) -> Deeps
     return model.to(weights).train()
 
 
+def build_posttrain_fp8(ctx: Context) -> DeepseekV3ForCausalLM:
+    """posttrain's model as `train.fp8` runs it: every nn.Linear but the head and the router in FP8."""
+    model = build_posttrain(ctx, 0, ctx.weights)
+    if not convert_to_fp8(model):
+        raise ValueError("convert_to_fp8 found no nn.Linear layers in posttrain's DeepSeek-V3")
+    return model
+
+
 def build_transformers(ctx: Context, weights: torch.dtype) -> torch.nn.Module:
     """transformers' DeepseekV3ForCausalLM from the same config.json contents and the same weights."""
     from transformers import AutoModelForCausalLM
@@ -391,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds for the whole script")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/bench_moe"))
+    parser.add_argument("--only", nargs="*", help="run only these runs (names as in the results)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -401,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps or (4 if args.tiny else 12)
     capacity = 256 if args.tiny else 4096
     config = DeepseekV3Config.from_dict(TINY if args.tiny else MOE_2B)
-    results = Results(Path(args.out), "moe_gpu", args.time_limit)
+    results = Results(Path(args.out), "moe_gpu", args.time_limit, args.only)
     results.data["env"] = environment(device)
     results.data["command"] = " ".join(["moe_gpu.py", *(argv if argv is not None else sys.argv[1:])])
 
@@ -452,11 +466,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 15% relative hidden-state difference on the H100 with a 7e-5 loss difference).
     torch.backends.cuda.matmul.allow_tf32 = False
     tolerance = {"loss": 1e-5, "hidden": 1e-4}
+    if args.only and any(name.startswith("transformers") for name in args.only):
+        results.only = [*args.only, "parity_step0"]  # transformers is timed only after the parity check
     parity = results.section("parity_step0", 30, lambda: step0_parity(ctx, tolerance))
     if parity is not None and not parity["agree"]:
         raise SystemExit(f"step-0 parity with transformers failed: {parity}")
-    if parity is None:  # transformers' model could not run here (recorded): time posttrain's runs anyway
-        print("parity_step0 did not complete: transformers is not timed", flush=True)
+    if parity is None:  # not asked for, or transformers' model could not run here (recorded)
+        print("parity_step0 did not run: transformers is not timed", flush=True)
 
     run = results.section
     ours = run("posttrain", 40, lambda: train_run(ctx, lambda: build_posttrain(ctx, 0, ctx.weights), 0, True))
@@ -465,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         theirs = run(
             "transformers", 60, lambda: train_run(ctx, lambda: build_transformers(ctx, ctx.weights), 0)
         )
+    fp8 = run("posttrain_fp8", 40, lambda: train_run(ctx, lambda: build_posttrain_fp8(ctx), 0, True))
     run("posttrain_mtp", 40, lambda: train_run(ctx, lambda: build_posttrain(ctx, 1, ctx.weights), 1))
     if (
         ctx.weights != torch.bfloat16
@@ -480,6 +497,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "posttrain_vs_transformers_main_loss": compare_losses(ours["main_losses"], theirs["main_losses"]),
             "posttrain": [round(x, 5) for x in ours["main_losses"][:10]],
             "transformers": [round(x, 5) for x in theirs["main_losses"][:10]],
+        }
+    if ours is not None and fp8 is not None:
+        results.data["fp8_speedup"] = {
+            "tokens_per_s_ratio": fp8["tokens_per_s"] / ours["tokens_per_s"],
+            "main_loss": compare_losses(fp8["main_losses"], ours["main_losses"]),
         }
     results.save()
     text = markdown(results.data).replace("# SFT step benchmark", "# MoE SFT step benchmark", 1)

@@ -1,23 +1,57 @@
-"""`posttrain` command line: each subcommand loads one recipe and calls one entry function."""
+"""`posttrain` command line: each subcommand loads one recipe and calls one entry function.
+
+A mistake in what the user gave (recipe, data, command line) raises a `UserError`: it is printed as one
+`error: FILE: line N: field X: message` line per problem and the command exits with 2; `--debug` shows its
+traceback too. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from posttrain.config import RecipeError, load_recipe
+from posttrain.config import RecipeError, RecipeT, load_recipe
+from posttrain.errors import UserError
 
 RECIPE_HELP = "YAML recipe; see recipes/ for complete examples"
-OVERRIDE_HELP = "recipe overrides as dotted.key=value (e.g. train.lr=1e-5 output_dir=runs/x)"
+OVERRIDE_HELP = (
+    "recipe overrides as dotted.key=value (e.g. train.lr=1e-5 output_dir=runs/x); a number names a list item "
+    "(rewards.functions.0.weight=0.5); set a whole list to add items (rewards.functions=[{name: ...}, ...])"
+)
+USAGE_ERROR = 2
+
+
+def _load(args: argparse.Namespace, schema: type[RecipeT]) -> RecipeT:
+    """The recipe, its output directory emptied first under --overwrite."""
+    recipe = load_recipe(args.recipe, schema, args.overrides)
+    if getattr(args, "overwrite", False):
+        _remove_run(Path(recipe.output_dir))  # type: ignore[attr-defined]
+    return recipe
+
+
+def _remove_run(out: Path) -> None:
+    """Delete a previous run's directory; only one that posttrain wrote (it holds recipe.yaml), and never the
+    working directory or one above it."""
+    if not out.exists():
+        return
+    if Path.cwd().resolve().is_relative_to(out.resolve()) or not (out / "recipe.yaml").is_file():
+        raise RecipeError(
+            "--overwrite deletes only a previous run's directory (one holding recipe.yaml, not the working "
+            "directory or one above it); remove it yourself or choose another output_dir",
+            file=str(out),
+        )
+    shutil.rmtree(out)
 
 
 def _sft(args: argparse.Namespace) -> int:
     from posttrain.config import SFTRecipe
 
-    recipe = load_recipe(args.recipe, SFTRecipe, args.overrides)
+    recipe = _load(args, SFTRecipe)
     from posttrain.trainers.sft import train_sft
 
     model_dir = train_sft(recipe, resume=args.resume)
@@ -28,7 +62,7 @@ def _sft(args: argparse.Namespace) -> int:
 def _grpo(args: argparse.Namespace) -> int:
     from posttrain.config import GRPORecipe
 
-    recipe = load_recipe(args.recipe, GRPORecipe, args.overrides)
+    recipe = _load(args, GRPORecipe)
     from posttrain.trainers.grpo import train_grpo
 
     model_dir = train_grpo(recipe, resume=args.resume)
@@ -40,7 +74,7 @@ def _traces(args: argparse.Namespace) -> int:
     from posttrain.traces import run_traces
     from posttrain.traces.config import TracesRecipe
 
-    recipe = load_recipe(args.recipe, TracesRecipe, args.overrides)
+    recipe = _load(args, TracesRecipe)
     print(f"traces written to {run_traces(recipe, resume=args.resume)}")
     return 0
 
@@ -48,7 +82,7 @@ def _traces(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from posttrain.trainers.distill import DistillRecipe, train_distill
 
-    recipe = load_recipe(args.recipe, DistillRecipe, args.overrides)
+    recipe = _load(args, DistillRecipe)
     print(f"student written to {train_distill(recipe, resume=args.resume)}")
     return 0
 
@@ -104,18 +138,19 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
     ),
     "grpo": (
         "GRPO with verifiable rewards and group-relative advantages",
-        "Sections: model, data (train prompts + reward columns, eval), generation (backend hf|vllm|openai, "
-        "max_tokens, temperature, top_p, stop, options), rewards (functions: [{name, weight, kwargs}], workers, "
-        "timeout_s), grpo (prompts_per_step, num_generations, num_iterations, micro_batch_size, "
-        "dynamic_sampling, loss: {epsilon, epsilon_high, beta, loss_type, scale_rewards, ...}), train, eval, "
-        "logging, checkpoint, output_dir.",
+        "Sections: model, data (train prompts + reward columns, eval), generation (backend "
+        "auto|latent|hf|vllm|openai, max_tokens, temperature, top_p, stop, options), rewards (functions: "
+        "[{name, weight, kwargs}], workers, timeout_s), grpo (prompts_per_step, num_generations, "
+        "num_iterations, micro_batch_size, dynamic_sampling, loss: {epsilon, epsilon_high, beta, loss_type, "
+        "scale_rewards, ...}), train, eval, logging, checkpoint, output_dir.",
         _grpo,
     ),
     "traces": (
         "R1-style trace generation: sample N, score, accept, filter, write shards (resumable)",
-        "Sections: teacher model and generation backend (hf | vllm | openai), data (prompts + reward columns), "
-        "rewards, acceptance (all correct up to k, or best-of-N), filters (max length, format, language, "
-        "repetition, overthinking), output. Kill it at any moment; --resume continues with no duplicate.",
+        "Sections: teacher model and generation backend (auto | latent | hf | vllm | openai), data (prompts + "
+        "reward columns), rewards, acceptance (all correct up to k, or best-of-N), filters (max length, "
+        "format, language, repetition, overthinking), output. Kill it at any moment; --resume continues with "
+        "no duplicate.",
         _traces,
     ),
     "distill": (
@@ -162,10 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
         "distillation and reward-model evaluation, each run described by one YAML recipe.",
         epilog="Example: posttrain sft recipes/sft_quickstart.yaml train.max_steps=20",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The global flags are accepted before or after the command: the command's copies default to SUPPRESS,
+    # so that they do not reset a flag given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    for options, default in ((parser, False), (common, argparse.SUPPRESS)):
+        options.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+        options.add_argument(
+            "--debug", action="store_true", default=default, help="show the traceback of an error too"
+        )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, details, handler) in COMMANDS.items():
-        command = sub.add_parser(name, help=summary, description=f"{summary}. {details}")
+        command = sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary}. {details}",
+            parents=[] if name == "sandbox" else [common],
+        )
         if name == "sandbox":
             command.add_argument(
                 "sandbox_args", nargs=argparse.REMAINDER, help="arguments of `python -m sandbox`"
@@ -177,18 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "quickstart":
             command.add_argument("--output-dir", default="runs/quickstart")
             command.add_argument("--recipes-dir", default="recipes")
-            command.add_argument("overrides", nargs="*", help="overrides applied to both recipes")
+            command.add_argument(
+                "overrides",
+                nargs="*",
+                help="key=value overrides: for both recipes, or for the one that has the key's section",
+            )
         else:
             command.add_argument("recipe", help=RECIPE_HELP)
             command.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
         if name in ("sft", "grpo", "distill", "traces"):
-            command.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+            restart = command.add_mutually_exclusive_group()
+            restart.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+            restart.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="delete output_dir's previous run first and start afresh",
+            )
         command.set_defaults(handler=handler)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse ends a `nargs="*"` positional at the first option, so overrides written after `--resume` come
+    back unrecognised: they are overrides all the same."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    late = [item for item in unknown if "=" in item and not item.startswith("-")]
+    if len(late) < len(unknown) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -196,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.handler(args)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        if args.debug:
+            raise
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 Every section is a pydantic model that forbids unknown keys, so a typo is an error, not a silently ignored
 setting. `load_recipe` reads the YAML, applies `dotted.key=value` overrides from the command line, validates,
-and turns every problem into a `RecipeError` that names the file and the key — before any model is loaded.
+and turns every problem into a `RecipeError` that names the file, the key's line and the key (or the override
+that set it) — before any model is loaded, including a generation backend that cannot drive the model.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -15,9 +17,19 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.errors import (
+    MissingFileError,
+    Origins,
+    Problem,
+    UserError,
+    locate,
+    recipe_origins,
+    validation_problems,
+)
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the file and the key."""
+
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot run; each problem names the file, the key's line and the key."""
 
 
 class Section(BaseModel):
@@ -60,7 +72,8 @@ class ModelSection(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "varlen", "flex_attention"] = Field(
         "auto",
-        description="auto = varlen (per-sample kernels, no dense mask) on CUDA, sdpa on CPU; posttrain's DeepSeek-V3 takes auto|varlen|sdpa",
+        description="auto = varlen (per-sample kernels, no dense mask) on CUDA, sdpa on CPU; posttrain's DeepSeek-V3 "
+        "takes auto|varlen|sdpa, auto = varlen on every device",
     )
     lora: LoraSection | None = None
     mtp: MTPSection = MTPSection()
@@ -223,6 +236,62 @@ class GenerationSection(Section):
     sampler_perturbation: SamplerPerturbation | None = None
 
 
+# vLLM 0.32 attends MLA models over a latent cache of kv_lora_rank + qk_rope_head_dim numbers per token. Its
+# CPU kernels (CPU_MLA, AMX_MLA) take only 576 (DeepSeek-V3's 512 + 64); on GPU its MLA metadata takes 320,
+# 512 or 576.
+VLLM_MLA_WIDTHS = {"cpu": (576,), "gpu": (320, 512, 576)}
+
+
+def uses_posttrain_model(implementation: str, model_type: str) -> bool:
+    """Whether a model of `model_type` is built from posttrain's own DeepSeek-V3 modules."""
+    return model_type == "deepseek_v3" and implementation != "transformers"
+
+
+def backend_problem(
+    backend: str, model_config: dict[str, Any], posttrain_model: bool, on_gpu: bool
+) -> str | None:
+    """Why generation `backend` cannot drive a model of this config, naming the backend that can; None when
+    it can."""
+    if backend == "hf" and posttrain_model:
+        return (
+            "'hf' drives transformers models, not posttrain's DeepSeek-V3 (model.implementation "
+            "auto|posttrain picks it for deepseek_v3 configs); use generation.backend=latent (our "
+            "absorbed-MLA decoding) or auto"
+        )
+    if backend == "latent" and not posttrain_model:
+        return (
+            f"'latent' drives posttrain's DeepSeek-V3 only, and this model is transformers' "
+            f"{model_config.get('model_type')!r}; use generation.backend=auto or hf"
+        )
+    if backend == "vllm" and model_config.get("kv_lora_rank") is not None:
+        kv_lora, rope = model_config["kv_lora_rank"], model_config.get("qk_rope_head_dim", 0)
+        device = "gpu" if on_gpu else "cpu"
+        widths = " or ".join(map(str, VLLM_MLA_WIDTHS[device]))
+        if kv_lora + rope not in VLLM_MLA_WIDTHS[device]:
+            return (
+                f"vLLM's {device.upper()} MLA attention needs kv_lora_rank + qk_rope_head_dim = {widths} "
+                f"(DeepSeek-V3: 512 + 64), this model has {kv_lora} + {rope} = {kv_lora + rope}; use "
+                "generation.backend=auto (latent: our absorbed-MLA decoding, for posttrain's DeepSeek-V3) or hf"
+            )
+    return None
+
+
+def recipe_backend_problem(generation: GenerationSection, model: ModelSection) -> str | None:
+    """`backend_problem` for a recipe, read from the model's config.json alone (no weights); None when the
+    config is not a local file (hub name, GGUF: transformers models)."""
+    config_file = Path(model.from_config) if model.from_config else Path(str(model.path)) / "config.json"
+    if generation.backend in ("auto", "openai") or not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    posttrain_model = uses_posttrain_model(model.implementation, config.get("model_type", ""))
+    on_gpu = False
+    if generation.backend == "vllm":
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return backend_problem(generation.backend, config, posttrain_model, on_gpu)
+
+
 class RewardItem(Section):
     name: str = Field(..., description="registered name, entry point, or dotted path to a function")
     weight: float = 1.0
@@ -267,6 +336,8 @@ class GRPOSection(Section):
 
     @model_validator(mode="after")
     def _loss_fields(self) -> GRPOSection:
+        if not self.loss:  # the defaults: nothing to check, and `posttrain --help` need not import torch
+            return self
         import dataclasses
 
         from posttrain.algorithms.grpo import GRPOLossConfig
@@ -312,57 +383,80 @@ _PATH_KEYS = ("model.from_config", "model.tokenizer", "data.train", "data.eval")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `3e-4`, `true`, `[1,2]` get their types)."""
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `3e-4`, `true`, `[1,2]` get their types).
+
+    A number after a list's key names an item: `rewards.functions.0.weight=0.5`. An index must exist: to add
+    or remove items, set the whole list (`rewards.functions=[{name: math_accuracy}, {name: think_format}]`).
+    """
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected dotted.key=value")
-        key, value = item.split("=", 1)
-        node = raw
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise RecipeError("expected dotted.key=value", where=f"override {item}")
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        *parents, leaf = parts
+        node: Any = raw
+        for depth, part in enumerate(parents):
+            node = _child(node, part, key, ".".join(parents[:depth]))
+            if node == {} and parts[depth + 1].isdigit():
+                path = ".".join(parents[: depth + 1])
+                raise RecipeError(
+                    f"{path} is not in the recipe, so it has no items to override; set the whole list: "
+                    f"{path}=[...]",
+                    where=f"override {key}",
+                )
+        if isinstance(node, list):
+            node[_list_index(node, leaf, key, ".".join(parents))] = yaml.safe_load(value)
+        elif isinstance(node, dict):
+            node[leaf] = yaml.safe_load(value)
+        else:
+            raise RecipeError(f"{'.'.join(parents)} is a value, not a section", where=f"override {key}")
     return raw
 
 
-def _format_validation_error(path: str, error: ValidationError) -> str:
-    lines = [f"{path}: invalid recipe"]
-    for problem in error.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "<top level>"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = (
-                "unknown key (check the spelling; see `posttrain <command> --help` for the recipe format)"
-            )
-        elif "input" in problem and problem["type"] not in ("missing",):
-            message += f" (got {problem['input']!r})"
-        lines.append(f"  {key}: {message}")
-    return "\n".join(lines)
+def _child(node: Any, part: str, key: str, path: str) -> Any:
+    """The section or list item `part` of `node` (a missing section is created empty)."""
+    if isinstance(node, list):
+        return node[_list_index(node, part, key, path)]
+    if not isinstance(node, dict):
+        raise RecipeError(f"{path} is a value, not a section", where=f"override {key}")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
 
 
-def _check_paths(path: str, raw: dict[str, Any]) -> None:
-    missing = []
-    for dotted in _PATH_KEYS:
+def _list_index(items: list, part: str, key: str, path: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    indices = f"indices 0-{len(items) - 1}" if items else "no indices"
+    raise RecipeError(
+        f"list {path} has {len(items)} items ({indices}); to add or remove items set the whole list: "
+        f"{path}=[...]",
+        where=f"override {key}",
+    )
+
+
+def _path_problems(path: str, raw: dict[str, Any], origins: Origins) -> list[Problem]:
+    """Every path the recipe names that does not exist (hub names excepted)."""
+    found = []
+    for dotted in (*_PATH_KEYS, "model.path"):
         node: Any = raw
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        values = node if isinstance(node, list) else [node]
-        for value in values:
-            if isinstance(value, str) and value.startswith("pkg:"):
-                missing += _missing_package_file(dotted, value)
-            elif isinstance(value, str) and not value.startswith("hub:") and not os.path.exists(value):
-                missing.append(f"  {dotted}: file not found: {value}")
-    model = raw.get("model", {})
-    local_model = isinstance(model, dict) and isinstance(model.get("path"), str)
-    if local_model and model["path"].startswith("pkg:"):
-        missing += _missing_package_file("model.path", model["path"])
-    elif local_model and _looks_local(model["path"]) and not os.path.exists(model["path"]):
-        missing.append(f"  model.path: directory not found: {model['path']}")
-    if missing:
-        raise RecipeError(f"{path}: missing files\n" + "\n".join(missing))
+        values = list(enumerate(node)) if isinstance(node, list) else [(None, node)]
+        for index, value in values:
+            if not isinstance(value, str) or value.startswith("hub:"):
+                continue
+            key = (*dotted.split("."), *([] if index is None else [str(index)]))
+            if value.startswith(PACKAGE_PREFIX):
+                try:
+                    package_file(value)
+                except (FileNotFoundError, ValueError) as exc:
+                    found.append(locate(path, origins, key, dotted, str(exc)))
+            elif dotted != "model.path" and not os.path.exists(value):
+                found.append(locate(path, origins, key, dotted, f"file not found: {value}"))
+            elif dotted == "model.path" and _looks_local(value) and not os.path.exists(value):
+                found.append(locate(path, origins, key, dotted, f"directory not found: {value}"))
+    return found
 
 
 PACKAGE_PREFIX = "pkg:"
@@ -378,19 +472,11 @@ def package_file(spec: str) -> Path:
         )
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"{spec!r}: Python package {package!r} is not installed")
+        raise MissingFileError(f"{spec!r}: Python package {package!r} is not installed")
     path = Path(next(iter(found.submodule_search_locations))) / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{spec!r}: package {package!r} has no file {relative!r} ({path})")
+        raise MissingFileError(f"{spec!r}: package {package!r} has no file {relative!r} ({path})")
     return path
-
-
-def _missing_package_file(dotted: str, value: str) -> list[str]:
-    try:
-        package_file(value)
-    except (FileNotFoundError, ValueError) as exc:
-        return [f"  {dotted}: {exc}"]
-    return []
 
 
 def _looks_local(name: str) -> bool:
@@ -401,22 +487,36 @@ def _looks_local(name: str) -> bool:
 def load_recipe(
     path: str | os.PathLike, schema: type[RecipeT], overrides: list[str] | None = None
 ) -> RecipeT:
-    """Read, override and validate a recipe; every error names `path` and the offending key."""
-    path = str(path)
+    """Read, override and validate a recipe; every problem names `path`, the key's line and the key (or the
+    override that set it), all problems at once, before any model is loaded."""
+    path, overrides = str(path), overrides or []
     if not Path(path).is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError("recipe file not found", file=path)
+    text = Path(path).read_text()
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        raise RecipeError(
+            f"not valid YAML: {getattr(exc, 'problem', None) or exc}", file=path, where=where
+        ) from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
+        raise RecipeError(f"a recipe is a mapping of sections, got {type(raw).__name__}", file=path)
+    raw = apply_overrides(raw, overrides)
+    origins = recipe_origins(text, overrides)
     try:
         recipe = schema.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(path, exc)) from None
-    _check_paths(path, raw)
+        raise RecipeError(problems=validation_problems(path, exc, raw, origins)) from None
+    problems = _path_problems(path, raw, origins)
+    generation, model = getattr(recipe, "generation", None), getattr(recipe, "model", None)
+    if not problems and isinstance(generation, GenerationSection) and isinstance(model, ModelSection):
+        message = recipe_backend_problem(generation, model)
+        if message:
+            problems = [locate(path, origins, ("generation", "backend"), "generation.backend", message)]
+    if problems:
+        raise RecipeError(problems=problems)
     return recipe
 
 

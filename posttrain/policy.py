@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from posttrain.config import ModelSection
+from posttrain.config import ModelSection, uses_posttrain_model
 from posttrain.model.gguf import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def _uses_posttrain_model(cfg: ModelSection, model_type: str) -> bool:
     if cfg.implementation == "posttrain" and model_type != "deepseek_v3":
         raise ValueError(f"model.implementation=posttrain supports deepseek_v3 models, not {model_type!r}")
-    return model_type == "deepseek_v3" and cfg.implementation != "transformers"
+    return uses_posttrain_model(cfg.implementation, model_type)
 
 
 def load_causal_lm(cfg: ModelSection) -> nn.Module:

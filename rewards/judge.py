@@ -208,14 +208,33 @@ if assistant B is better, "[[C]]" for a tie.
 {response_b}
 [The End of Assistant B's Answer]"""
 
+LETTER_TEMPLATE = """Question: {prompt}
+
+Answer A: {response_a}
+
+Answer B: {response_b}
+
+Which answer is better, A or B? Reply with the letter only."""
+"""For small judges: the default template's explanation-then-verdict is beyond a 135M model (SmolLM2-135M-Instruct
+restates the question and never writes a verdict), while a bare letter it does write."""
+
 _VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
+# A reply whose first line is nothing but the verdict: "A", "**B**", "[A]", "B.", "Answer A", "Assistant B".
+_BARE_VERDICT = re.compile(
+    r"[\s*\[(]*(?:(?:answer|assistant|response)\s+)?(A|B|C|tie)[\s*\]).:!]*", re.IGNORECASE
+)
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]|rating\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 def parse_pairwise_verdict(text: str) -> str:
-    """``"A"``, ``"B"`` or ``"tie"`` from the judge's ``[[A]]``, ``[[B]]``, ``[[C]]`` / ``[[tie]]``; a text
-    with no verdict, or with two different ones, is ``"unparseable"``."""
-    verdicts = {"tie" if found.upper() in ("C", "TIE") else found.upper() for found in _VERDICT.findall(text)}
+    """``"A"``, ``"B"`` or ``"tie"`` from the judge's ``[[A]]``, ``[[B]]``, ``[[C]]`` / ``[[tie]]``, or from a
+    first line that is the verdict alone (``A``, ``**B**``, ``Answer A.``: what LETTER_TEMPLATE asks for). A
+    text with no verdict, or with two different bracketed ones, is ``"unparseable"``: never guessed from prose
+    such as "Assistant A is better", which may go on to say the opposite."""
+    found = set(_VERDICT.findall(text))
+    if not found and (bare := _BARE_VERDICT.fullmatch(text.strip().split("\n", 1)[0])):
+        found = {bare.group(1)}
+    verdicts = {"tie" if verdict.upper() in ("C", "TIE") else verdict.upper() for verdict in found}
     return verdicts.pop() if len(verdicts) == 1 else "unparseable"
 
 

@@ -24,7 +24,7 @@ FORBIDDEN_PACKAGES = {"posttrain": set(), "rewards": {"posttrain"}, "sandbox": {
 
 # posttrain's rooms (the first name under posttrain/), lowest tier first.
 TIERS: list[tuple[str, ...]] = [
-    ("__init__", "algorithms", "metrics", "samples"),  # the version; pure losses; metrics and sample logs
+    ("__init__", "algorithms", "errors", "metrics", "samples"),  # the version; pure losses; user errors; logs
     ("config", "fast", "report"),  # recipe schema (checks grpo.loss keys); fused kernels; end-of-run figure
     ("data", "model"),  # loading, templating, packing; posttrain's DeepSeek-V3
     ("generation",),  # rollout backends and their factory

@@ -4,7 +4,7 @@ They are the bundled task of the quickstart (SFT → GRPO), of the trace/distill
 every problem has a verifiable integer answer, a reasoning trace a tiny model can learn in minutes on a CPU,
 and a small tokenizer trained on them ships in data/tokenizer. `python -m posttrain.data.arithmetic` rewrites
 data/arith/*.jsonl and data/tokenizer deterministically; `--difficulty hard` writes the hard tier (word problems
-of 3–5 steps, posttrain.data.arithmetic_hard) to data/arith_hard/.
+of 3–5 steps, posttrain.data.arithmetic_hard; `--level` 1-3 sets its numbers) to data/arith_hard/.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain.data.arithmetic_hard import make_hard_problem
+from posttrain.data.arithmetic_hard import DEFAULT_LEVEL, LEVELS, make_hard_problem
 from posttrain.data.problems import SYSTEM_PROMPT, Problem, prompt_messages, rl_row, sft_row
 
 __all__ = [
@@ -60,21 +60,26 @@ def make_problem(rng: random.Random) -> Problem:
     return Problem(question, (f"{a} - {b} = {a - b}",), a - b)
 
 
-def problem_maker(difficulty: str) -> Callable[[random.Random], Problem]:
+def problem_maker(difficulty: str, level: int = DEFAULT_LEVEL) -> Callable[[random.Random], Problem]:
     """easy: one or two steps with one-digit numbers (the quickstart's task); hard: word problems of 3–5
-    steps with two- and three-digit numbers (posttrain.data.arithmetic_hard)."""
+    steps (posttrain.data.arithmetic_hard), their numbers set by `level` (1: one and two digits, 3: up to three)."""
     if difficulty == "easy":
         return make_problem
     if difficulty == "hard":
-        return make_hard_problem
+        return lambda rng: make_hard_problem(rng, level)
     raise ValueError(f"difficulty: expected 'easy' or 'hard', got {difficulty!r}")
 
 
 def generate_splits(
-    seed: int = 0, n_sft: int = 4000, n_rl: int = 1000, n_test: int = 200, difficulty: str = "easy"
+    seed: int = 0,
+    n_sft: int = 4000,
+    n_rl: int = 1000,
+    n_test: int = 200,
+    difficulty: str = "easy",
+    level: int = DEFAULT_LEVEL,
 ) -> dict[str, list[dict]]:
-    """Disjoint splits (no question appears in two of them)."""
-    make = problem_maker(difficulty)
+    """Disjoint splits (no question appears in two of them); `level` applies to the hard tier only."""
+    make = problem_maker(difficulty, level)
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
@@ -113,9 +118,11 @@ def train_tokenizer(texts: list[str], directory: Path, vocab_size: int = 512) ->
     fast.save_pretrained(str(directory))
 
 
-def write_bundled_data(root: Path, seed: int = 0, difficulty: str = "easy") -> None:
+def write_bundled_data(
+    root: Path, seed: int = 0, difficulty: str = "easy", level: int = DEFAULT_LEVEL
+) -> None:
     """easy: data/arith/ and the tokenizer trained on it; hard: data/arith_hard/ (real tokenizers only)."""
-    splits = generate_splits(seed, difficulty=difficulty)
+    splits = generate_splits(seed, difficulty=difficulty, level=level)
     directory = root / ("arith" if difficulty == "easy" else f"arith_{difficulty}")
     directory.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -141,8 +148,15 @@ def main() -> None:
         default="easy",
         help="easy: arith/ and tokenizer/ (the quickstart's task); hard: arith_hard/, word problems of 3-5 steps",
     )
+    parser.add_argument(
+        "--level",
+        type=int,
+        choices=sorted(LEVELS),
+        default=DEFAULT_LEVEL,
+        help="hard tier only: its number ranges (1 smallest; the bundled files are the default)",
+    )
     args = parser.parse_args()
-    write_bundled_data(Path(args.root), args.seed, args.difficulty)
+    write_bundled_data(Path(args.root), args.seed, args.difficulty, args.level)
 
 
 if __name__ == "__main__":

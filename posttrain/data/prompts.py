@@ -12,7 +12,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.chat import encode_prompt
-from posttrain.data.rows import DataError, load_rows, validate_messages
+from posttrain.data.rows import DataError, load_rows, row_where, validate_messages
 
 
 @dataclass
@@ -45,10 +45,11 @@ def load_prompts(
     messages: list[list[dict[str, str]]] = []
     columns: dict[str, list[Any]] = {}
     origin: list[str] = []
+    row_index: list[int] = []  # each prompt's row in its source
     for source in sources:
         rows = load_rows(source)
         if prompt_field not in rows.column_names:
-            raise DataError(f"{source}: no `{prompt_field}` column (columns: {rows.column_names})")
+            raise DataError(f"no `{prompt_field}` column (columns: {rows.column_names})", file=source)
         for index, row in enumerate(rows):
             prompt = row[prompt_field]
             if isinstance(prompt, str) and prompt.strip():
@@ -56,12 +57,13 @@ def load_prompts(
             else:
                 problem = validate_messages(prompt, prompt_field, need_assistant=False)
                 if problem:
-                    raise DataError(f"{source}: row {index}: {problem}")
+                    raise DataError(problem, file=source, where=row_where(source, index))
                 conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
             if system_prompt is not None and conversation[0]["role"] != "system":
                 conversation = [{"role": "system", "content": system_prompt}, *conversation]
             messages.append(conversation)
             origin.append(source)
+            row_index.append(index)
             for key, value in row.items():
                 if key != prompt_field:
                     columns.setdefault(key, [None] * (len(messages) - 1)).append(value)
@@ -72,6 +74,9 @@ def load_prompts(
         for index, ids in enumerate(prompt_ids):
             if len(ids) > max_prompt_tokens:
                 raise DataError(
-                    f"{origin[index]}: prompt {index} has {len(ids)} tokens > max_prompt_tokens {max_prompt_tokens}"
+                    f"the prompt has {len(ids)} tokens > max_prompt_tokens {max_prompt_tokens}",
+                    file=origin[index],
+                    where=row_where(origin[index], row_index[index]),
+                    field=prompt_field,
                 )
     return PromptSet(messages, prompt_ids, columns, origin)

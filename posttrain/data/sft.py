@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.config import DataSection
 from posttrain.data.chat import TemplateError, encode_conversation
 from posttrain.data.packing import TokenizedSamples
-from posttrain.data.rows import DataError, detect_format, load_rows, row_to_messages
+from posttrain.data.rows import DataError, detect_format, load_rows, row_to_messages, row_where
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def _tokenize_source(
 ) -> datasets.Dataset:
     rows = load_rows(source, cache_dir=cache_dir)
     fmt = cfg.format if cfg.format != "auto" else None
-    fmt = fmt or detect_format(rows.column_names, cfg.messages_field, cfg.prompt_field, cfg.completion_field)
+    fmt = fmt or detect_format(
+        source, rows.column_names, cfg.messages_field, cfg.prompt_field, cfg.completion_field
+    )
 
     def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         messages, problem = row_to_messages(
@@ -74,17 +76,20 @@ def _tokenize_source(
         status = ""
         if problem is not None:
             if cfg.on_bad_row == "error":
-                raise DataError(f"{source}: row {index}: {problem}")
-            status = f"{source}: row {index}: {problem}"
+                raise DataError(problem, file=source, where=row_where(source, index))
+            status = f"{source}: {row_where(source, index)}: {problem}"
         elif len(ids) > cfg.max_seq_len:
             if cfg.overlong == "drop":
-                status = f"overlong:{source}: row {index}: {len(ids)} tokens > max_seq_len {cfg.max_seq_len}"
+                status = (
+                    f"overlong:{source}: {row_where(source, index)}: {len(ids)} tokens > max_seq_len "
+                    f"{cfg.max_seq_len}"
+                )
                 ids, mask = [], []
             else:
                 ids, mask = ids[: cfg.max_seq_len], mask[: cfg.max_seq_len]
                 status = "truncated"
         if ids and not any(mask[1:]):
-            status = f"notargets:{source}: row {index}: no target tokens left"
+            status = f"notargets:{source}: {row_where(source, index)}: no target tokens left"
         return {"input_ids": ids, "loss_mask": mask, "status": status}
 
     return rows.map(
@@ -119,7 +124,8 @@ def build_sft_samples(
     """Validate, template and tokenise every source; return the kept samples and the accounting."""
     report = DataReport()
     kept: list[datasets.Dataset] = []
-    for source in sources if sources is not None else cfg.train:
+    sources = sources if sources is not None else cfg.train
+    for source in sources:
         encoded = _tokenize_source(source, cfg, tokenizer, cache_dir)
         report.rows += len(encoded)
         statuses = encoded["status"]
@@ -145,7 +151,12 @@ def build_sft_samples(
     loss_mask, _ = _flat(table.column("loss_mask"))
     report.used = len(offsets) - 1
     if report.used == 0:
-        raise DataError(f"no usable rows in {', '.join(cfg.train)} ({report.as_dict()})")
+        first = (report.skipped + report.dropped_overlong + report.no_targets)[:1]
+        raise DataError(
+            f"no usable rows in {', '.join(sources)}: of {report.rows}, {len(report.skipped)} malformed, "
+            f"{len(report.dropped_overlong)} over data.max_seq_len, {len(report.no_targets)} without target "
+            f"tokens{'; first: ' + first[0] if first else ''}"
+        )
     report.tokens = int(offsets[-1])
     report.target_tokens = int(loss_mask.sum())
     samples = TokenizedSamples(input_ids=input_ids, loss_mask=loss_mask.astype(bool), offsets=offsets)

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from posttrain.data.rows import DataError
+
 
 def accepted_files(output_dir: str | Path) -> list[str]:
     """The accepted shards of a finished trace run (listed in its summary), for `datasets` or SFT."""
     summary = Path(output_dir) / "summary.json"
     if not summary.exists():
-        raise FileNotFoundError(
-            f"{output_dir}: no summary.json, so the trace run has not finished; finish it with "
-            "`posttrain traces RECIPE --resume` first"
+        raise DataError(
+            "no summary.json, so the trace run has not finished; finish it with "
+            "`posttrain traces RECIPE --resume` first",
+            file=str(output_dir),
         )
     return json.loads(summary.read_text())["accepted_files"]
 

@@ -81,4 +81,12 @@ def write_report(summary: dict, pair_rows: list[dict], output_dir: Path) -> None
     if "verdict_counts" in summary:
         counts = ", ".join(f"{verdict} {n}" for verdict, n in sorted(summary["verdict_counts"].items()))
         console.print(f"Judge verdicts: {counts}")
+        unreadable, first = summary["unparseable_rate"], summary["first_shown_rate"]
+        if unreadable is not None and unreadable > 0.5:
+            console.print(
+                f"[yellow]{unreadable:.0%} of the judge's verdicts were unreadable (each scores 0.5): read its "
+                "texts, shorten its template (judge.template: letter) or use a stronger judge.[/yellow]"
+            )
+        if first is not None:
+            console.print(f"Readable verdicts that picked the answer shown first: {first:.0%} (no bias: 50%)")
     console.print(f"Results written to {output_dir}")

@@ -60,6 +60,26 @@ def score_with_judge(pairs: Sequence[Pair], judge: Judge, seed: int) -> list[Pai
     ]
 
 
+def verdict_summary(results: Sequence[PairResult], votes: int) -> dict:
+    """What a judge's verdicts say beside accuracy: their counts, the unparseable share, and among the readable
+    A/B verdicts the share that picked the answer shown first (0.5: no position preference; 1.0: the judge
+    always takes the first answer, and asked in both orders it then ties every pair). Each pair's verdicts are
+    its `votes` for the order (A, B) first, then those for (B, A), in the original labels."""
+    counts = Counter(v for result in results for v in result.verdicts)
+    first_shown = [
+        verdict == ("A" if k < votes else "B")
+        for result in results
+        for k, verdict in enumerate(result.verdicts)
+        if verdict in ("A", "B")
+    ]
+    total = sum(counts.values())
+    return {
+        "verdict_counts": dict(counts),
+        "unparseable_rate": counts["unparseable"] / total if total else None,
+        "first_shown_rate": sum(first_shown) / len(first_shown) if first_shown else None,
+    }
+
+
 def classifier_rewards(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -172,7 +192,9 @@ class JudgeConfig(BaseModel):
     votes: int = Field(default=1, ge=1, description="samples per order; the majority verdict decides")
     both_orders: bool = Field(default=True, description="also ask with A and B swapped (position bias)")
     template: str | None = Field(
-        default=None, description="prompt with {prompt}, {response_a}, {response_b}; None: rewards' default"
+        default=None,
+        description="prompt with {prompt}, {response_a}, {response_b}; None: rewards' default (explanation, then "
+        "[[A]]/[[B]]/[[C]]); 'letter': rewards' LETTER_TEMPLATE, a bare A or B, for small judges",
     )
     max_new_tokens: int = Field(default=512, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
@@ -216,7 +238,7 @@ class RewardBenchConfig(BaseModel):
 
 
 def build_judge(config: JudgeConfig, batch_size: int = 8) -> Judge:
-    from rewards.judge import OpenAIChatGenerator, PairwiseJudge, TransformersGenerator
+    from rewards.judge import LETTER_TEMPLATE, OpenAIChatGenerator, PairwiseJudge, TransformersGenerator
 
     if config.kind == "hf":
         from posttrain.model.gguf import resolve_model_path
@@ -240,9 +262,8 @@ def build_judge(config: JudgeConfig, batch_size: int = 8) -> Judge:
             temperature=config.temperature,
             max_tokens=config.max_new_tokens,
         )
-    return PairwiseJudge(
-        generate, template=config.template, votes=config.votes, both_orders=config.both_orders
-    )
+    template = LETTER_TEMPLATE if config.template == "letter" else config.template
+    return PairwiseJudge(generate, template=template, votes=config.votes, both_orders=config.both_orders)
 
 
 def run_rewardbench(config: RewardBenchConfig) -> dict:
@@ -259,7 +280,7 @@ def run_rewardbench(config: RewardBenchConfig) -> dict:
     summary = {"scorer": scorer, "data": str(config.data), "seed": config.seed, **summarize(results)}
     if config.judge is not None:
         # Separates real ties from verdicts the judge never wrote readably, which also score 0.5.
-        summary["verdict_counts"] = dict(Counter(v for result in results for v in result.verdicts))
+        summary.update(verdict_summary(results, config.judge.votes))
     # Each pair's text goes with its outcome, so errors can be read without reopening the data.
     rows = [
         {

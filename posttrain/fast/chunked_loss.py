@@ -27,12 +27,17 @@ is Liger's fused linear cross-entropy.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
 from posttrain.algorithms.sft import IGNORE_INDEX
+from posttrain.fast.head_grads import (
+    SumWithPrecomputedGrads,
+    add_head_grads_of_chunk,
+    head_grad_buffers,
+    row_chunks,
+)
 
 LossImpl = Literal["auto", "chunked", "fused", "liger"]
 
@@ -53,12 +58,6 @@ def _resolve(impl: LossImpl, hidden: torch.Tensor) -> LossImpl:
     except ImportError:
         return "chunked"
     return "fused"
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    if size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {size}")
-    return (slice(start, min(start + size, n)) for start in range(0, n, size))
 
 
 def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -88,17 +87,14 @@ def _logits(
     return logits / temperature if temperature != 1.0 else logits
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
+class _LinearCrossEntropySum(SumWithPrecomputedGrads):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        )
-        for rows in _chunks(hidden.shape[0], chunk_size):
+        grad_hidden, grad_weight = head_grad_buffers(hidden, weight, want_hidden, want_weight)
+        for rows in row_chunks(hidden.shape[0], chunk_size):
             logits = _logits(hidden, weight, rows)
             has_target = targets[rows] != IGNORE_INDEX
             safe = torch.where(has_target, targets[rows], 0)
@@ -111,23 +107,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(len(safe), device=safe.device), safe] -= 1.0
             grad_logits.mul_(has_target[:, None])
-            grad_logits = grad_logits.to(hidden.dtype)
-            if want_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if want_weight:
-                grad_weight += (grad_logits.T @ hidden[rows]).float()
+            add_head_grads_of_chunk(
+                grad_logits.to(hidden.dtype), hidden, weight, rows, grad_hidden, grad_weight
+            )
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
-
-    @staticmethod
-    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
-            None,
-            None,
-        )
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -135,7 +119,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):  # noqa: ANN001, ANN205
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logps)
-        for rows in _chunks(hidden.shape[0], chunk_size):
+        for rows in row_chunks(hidden.shape[0], chunk_size):
             log_probs = torch.log_softmax(_logits(hidden, weight, rows, temperature), dim=-1)
             logps[rows] = log_probs.gather(1, targets[rows, None]).squeeze(1)
             entropy[rows] = -(log_probs.exp() * log_probs).sum(-1)
@@ -148,12 +132,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy):  # noqa: ANN001, ANN205
         hidden, weight, targets, entropy = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        )
+        grad_hidden, grad_weight = head_grad_buffers(hidden, weight, want_hidden, want_weight)
         with torch.autocast(hidden.device.type, enabled=False):
-            for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+            for rows in row_chunks(hidden.shape[0], ctx.chunk_size):
                 log_probs = torch.log_softmax(_logits(hidden, weight, rows, ctx.temperature), dim=-1)
                 probs = log_probs.exp()
                 grad_z = torch.zeros_like(probs)
@@ -163,10 +144,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 if grad_entropy is not None:
                     grad_z -= grad_entropy[rows, None] * probs * (log_probs + entropy[rows, None])
                 grad_z = (grad_z / ctx.temperature).to(hidden.dtype)
-                if want_hidden:
-                    grad_hidden[rows] = grad_z @ weight
-                if want_weight:
-                    grad_weight += (grad_z.T @ hidden[rows]).float()
+                add_head_grads_of_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 

@@ -20,31 +20,16 @@ from __future__ import annotations
 import torch
 
 from posttrain.algorithms.sft import IGNORE_INDEX
+from posttrain.fast.head_grads import (
+    SumWithPrecomputedGrads,
+    add_head_grads_of_chunk,
+    head_grad_buffers,
+    row_chunks,
+)
 from posttrain.fast.loss_kernels import cross_entropy_rows_, logprob_entropy_grad_rows_, logprob_entropy_rows
 
 
-def _row_chunks(n: int, size: int) -> list[slice]:
-    if size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {size}")
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _head_grads_of_chunk(
-    grad_logits: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: slice,
-    grad_hidden: torch.Tensor | None,
-    grad_weight: torch.Tensor | None,
-) -> None:
-    """∂/∂h of the chunk's rows (written into grad_hidden[rows]) and ∂/∂W (added into grad_weight, float32)."""
-    if grad_hidden is not None:
-        torch.mm(grad_logits, weight, out=grad_hidden[rows])
-    if grad_weight is not None:
-        grad_weight += (grad_logits.T @ hidden[rows]).float()
-
-
-class FusedLinearCrossEntropySum(torch.autograd.Function):
+class FusedLinearCrossEntropySum(SumWithPrecomputedGrads):
     """Σ_i CE(h_i Wᵀ, y_i) over rows with a target (see the module docstring); call through `apply`."""
 
     @staticmethod
@@ -52,28 +37,15 @@ class FusedLinearCrossEntropySum(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        )
-        for rows in _row_chunks(hidden.shape[0], chunk_size):
+        grad_hidden, grad_weight = head_grad_buffers(hidden, weight, want_hidden, want_weight)
+        for rows in row_chunks(hidden.shape[0], chunk_size):
             logits = hidden[rows] @ weight.T
             losses[rows], _ = cross_entropy_rows_(
                 logits, targets[rows], IGNORE_INDEX, want_hidden or want_weight
             )
-            _head_grads_of_chunk(logits, hidden, weight, rows, grad_hidden, grad_weight)
+            add_head_grads_of_chunk(logits, hidden, weight, rows, grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return losses.sum()
-
-    @staticmethod
-    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
-            None,
-            None,
-        )
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
@@ -83,7 +55,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):  # noqa: ANN001, ANN205
         n = hidden.shape[0]
         logps, entropy, lse = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
-        for rows in _row_chunks(n, chunk_size):
+        for rows in row_chunks(n, chunk_size):
             logps[rows], entropy[rows], lse[rows] = logprob_entropy_rows(
                 hidden[rows] @ weight.T, targets[rows], temperature
             )
@@ -96,17 +68,14 @@ class FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy):  # noqa: ANN001, ANN205
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        )
+        grad_hidden, grad_weight = head_grad_buffers(hidden, weight, want_hidden, want_weight)
         grad_logps = torch.zeros_like(lse) if grad_logps is None else grad_logps
         grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-        for rows in _row_chunks(hidden.shape[0], ctx.chunk_size):
+        for rows in row_chunks(hidden.shape[0], ctx.chunk_size):
             logits = hidden[rows] @ weight.T
             logprob_entropy_grad_rows_(
                 logits, targets[rows], lse[rows], entropy[rows], grad_logps[rows], grad_entropy[rows],
                 ctx.temperature,
             )  # fmt: skip
-            _head_grads_of_chunk(logits, hidden, weight, rows, grad_hidden, grad_weight)
+            add_head_grads_of_chunk(logits, hidden, weight, rows, grad_hidden, grad_weight)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None

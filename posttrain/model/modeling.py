@@ -5,8 +5,8 @@ maps the few that differ in files (stacked experts, MTP layers) and reads/writes
 Training: `model(input_ids, position_ids, return_mtp=True)`; rows may hold packed samples, delimited by
 restarting position_ids (block-diagonal causal attention). `attn_implementation` picks how the blocks attend:
 "varlen" (per-sample kernels over cumulative sequence lengths, no [L, L] mask: FlashAttention's varlen kernel
-on CUDA, SDPA sample by sample elsewhere), "sdpa" (one SDPA call under a dense block-diagonal mask) or "auto"
-(varlen on CUDA, sdpa on CPU), as the recipe's `model.attn_implementation` does for transformers models.
+on CUDA, one SDPA call over the samples as a padded batch elsewhere), "sdpa" (one SDPA call under a dense
+block-diagonal mask) or "auto" (varlen, on every device: per-sample attention is also the faster one on CPU).
 
 Decoding: `decode_step` with a `LatentKVCache` (absorbed MLA); decoding.py builds greedy and MTP speculative
 generation on it (`generate_greedy(model, ...)`, `generate_speculative(model, ...)`).
@@ -108,9 +108,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                     "a [B, 1, L, L] attention_mask needs SDPA: attn_implementation='varlen' takes no dense mask"
                 )
             return attention_mask
-        varlen = self.attn_implementation == "varlen" or (
-            self.attn_implementation == "auto" and position_ids.is_cuda
-        )
+        varlen = self.attn_implementation in ("varlen", "auto")  # the faster on CPU too (fast/attention.py)
         if varlen and (attention_mask is None or bool(attention_mask.all())):
             return PackedSamples.from_position_ids(position_ids)
         return packed_causal_mask(position_ids, attention_mask)

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import RunExistsError
+
 STREAMS = ("accepted", "samples", "failed")
 
 
@@ -52,9 +54,10 @@ class TraceLedger:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         entries = self._read_committed()
         if entries and not resume:
-            raise FileExistsError(
-                f"{self.root} already holds {len(entries)} committed batches: pass --resume to continue that "
-                "run, or choose another output_dir"
+            raise RunExistsError(
+                f"output_dir already holds {len(entries)} committed batches: pass --resume to continue that "
+                "run, --overwrite to delete it and start afresh, or choose another output_dir",
+                file=str(self.root),
             )
         if entries:
             self.state = entries[-1]["streams"]

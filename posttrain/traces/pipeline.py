@@ -26,9 +26,9 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config import dump_recipe
+from posttrain.config import RecipeError, dump_recipe
 from posttrain.data.prompts import PromptSet, load_prompts
-from posttrain.generation.base import Backend, Completion, SamplingParams
+from posttrain.generation.base import Backend, Completion, SamplingParams, SamplingRefused
 from posttrain.generation.factory import build_backend, make_backend, sampling_params
 from posttrain.model.gguf import resolve_model_path
 from posttrain.policy import load_causal_lm, load_tokenizer
@@ -65,9 +65,12 @@ def generate_with_retries(
 ) -> list[list[Completion] | str]:
     """Each prompt's completions, or why it failed. The batch goes in one call; if that raises, every prompt
     is tried alone up to `run.max_attempts` times, waiting backoff_s · 2^attempt between tries (threads only
-    for a remote server: a local engine is one device, and transformers' sampling RNG is process-global)."""
+    for a remote server: a local engine is one device, and transformers' sampling RNG is process-global).
+    A backend that refuses the sampling settings themselves (SamplingRefused) stops the run at once."""
     try:
         return list(backend.generate(prompt_ids, params))
+    except SamplingRefused:
+        raise  # the sampling settings themselves: every prompt would be refused the same way
     except Exception as exc:  # noqa: BLE001 - any backend error; each prompt gets its own tries next
         log.warning("batch of %d prompts failed (%s); retrying prompt by prompt", len(prompt_ids), exc)
 
@@ -243,9 +246,10 @@ def _check_resumable(out: Path, recipe: TracesRecipe, resume: bool) -> None:
         before = json.loads(path.read_text())
         changed = sorted(key for key in current.keys() | before.keys() if current.get(key) != before.get(key))
         if changed:
-            raise ValueError(
-                f"{out}: cannot resume with a different recipe (changed: {', '.join(changed)}); "
-                "use another output_dir"
+            raise RecipeError(
+                f"cannot resume with a different recipe (changed: {', '.join(changed)}); use another "
+                "output_dir, or --overwrite to start afresh",
+                file=str(out),
             )
     path.write_text(json.dumps(current, indent=2))
 

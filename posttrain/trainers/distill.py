@@ -27,7 +27,6 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import Field, model_validator
-from transformers import AutoModelForCausalLM
 
 from posttrain.algorithms.distill import distillation_loss
 from posttrain.algorithms.sft import mtp_combined_loss, token_cross_entropy_sum
@@ -39,6 +38,7 @@ from posttrain.config import (
     LoggingSection,
     ModelSection,
     PackingSection,
+    RecipeError,
     RewardsSection,
     Section,
     SFTRecipe,
@@ -46,7 +46,7 @@ from posttrain.config import (
 )
 from posttrain.data.prompts import load_prompts
 from posttrain.data.trace_runs import trace_sources
-from posttrain.generation.factory import build_backend
+from posttrain.generation.factory import make_backend
 from posttrain.policy import Policy, build_policy, load_causal_lm, load_tokenizer
 from posttrain.rollouts import evaluate, make_reward_runner
 from posttrain.trainers.loop import (
@@ -118,14 +118,15 @@ def sft_recipe(recipe: DistillRecipe) -> SFTRecipe:
 
 
 def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, recipe: DistillRecipe) -> dict:
-    """Greedy decoding on the held-out prompts, scored by the recipe's rewards (the GRPO evaluation)."""
+    """Greedy decoding on the held-out prompts, scored by the recipe's rewards (the GRPO evaluation). A teacher
+    (posttrain's DeepSeek-V3 too) is scored the same way: `generation.backend` auto picks its decoder."""
     if isinstance(model, str | Path):
-        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        model = load_causal_lm(ModelSection(path=str(model), dtype="float32", attn_implementation="sdpa"))
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     prompts = load_prompts(recipe.eval.prompts, tokenizer, recipe.eval.prompt_field)
     if recipe.eval.max_prompts:
         prompts = prompts.select(list(range(min(recipe.eval.max_prompts, len(prompts)))))
-    backend = build_backend("hf", model=model, tokenizer=tokenizer)
+    backend = make_backend(recipe.generation, model, tokenizer, Path(recipe.output_dir))
     with make_reward_runner(recipe.rewards) as runner:
         return {
             **evaluate(backend, runner, prompts, recipe.generation, recipe.eval),
@@ -159,7 +160,7 @@ def train_distill(recipe: DistillRecipe, resume: bool = False) -> Path:
 def check_same_tokenizer(student: ModelSection, teacher: ModelSection) -> None:
     student_vocab = load_tokenizer(student).get_vocab()
     if load_tokenizer(teacher).get_vocab() != student_vocab:
-        raise ValueError(
+        raise RecipeError(
             "kd.teacher's tokenizer differs from the student's: logit distillation compares distributions "
             "over the same token ids; use SFT on the traces alone (remove `kd`)"
         )

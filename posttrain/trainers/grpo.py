@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from posttrain.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss, loss_token_mask
-from posttrain.config import GRPORecipe
+from posttrain.config import GRPORecipe, RecipeError
 from posttrain.data.prompts import PromptSet, load_prompts
 from posttrain.generation.factory import make_backend
 from posttrain.generation.perturbed import PerturbedSampler
@@ -136,7 +136,7 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         check_pack_tokens(recipe, prompts)
     world, rank = accelerator.num_processes, accelerator.process_index
     if grpo.prompts_per_step % world:
-        raise ValueError(
+        raise RecipeError(
             f"grpo.prompts_per_step ({grpo.prompts_per_step}) must divide over {world} processes"
         )
     local_prompts = grpo.prompts_per_step // world
@@ -149,14 +149,14 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
 
     decodes_with_policy = recipe.generation.backend in ("auto", "hf", "latent")
     if recipe.train.compile_blocks is True and decodes_with_policy:
-        raise ValueError(
+        raise RecipeError(
             "train.compile_blocks with generation.backend "
             f"{recipe.generation.backend!r}: that backend decodes with the trainer's own (then compiled) module, "
             "one recompilation per new shape; use generation.backend=vllm or leave train.compile_blocks off"
         )
     policy = build_policy(recipe.model)
     if grpo.share_prompt and not policy.takes_dense_mask:
-        raise ValueError(
+        raise RecipeError(
             "grpo.share_prompt needs attention that takes a dense mask: set model.attn_implementation=sdpa "
             f"(the model attends with {policy.attention_implementation!r}) or leave grpo.share_prompt off"
         )

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from posttrain.config import CheckpointSection, LoggingSection, TrainSection, dump_recipe
+from posttrain.errors import RunExistsError
 from posttrain.metrics import MetricsWriter
 from posttrain.report import write_report
 
@@ -196,8 +197,10 @@ def prepare_output_dir(output_dir: str | Path, recipe: Any, accelerator: Acceler
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-            raise FileExistsError(
-                f"{out} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+            raise RunExistsError(
+                "output_dir already holds checkpoints: pass --resume to continue that run, --overwrite to "
+                "delete it and start afresh, or choose another output_dir",
+                file=str(out),
             )
         dump_recipe(recipe, out / "recipe.yaml")
     accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ import pytest
 from posttrain.data import arithmetic as easy
 from posttrain.data import arithmetic_rephrased as rephrased
 from posttrain.data.arithmetic import generate_splits, problem_maker, write_bundled_data
-from posttrain.data.arithmetic_hard import KINDS, make_hard_problem
+from posttrain.data.arithmetic_hard import KINDS, LEVELS, Level, make_hard_problem
 
 STEP = re.compile(r"^(?:[\w ]+: )?(\d+) ([-+*/]) (\d+) = (\d+)(?: remainder (\d+))?$")
 
@@ -53,10 +53,24 @@ def check_step(line: str) -> None:
         assert result == {"+": a + b, "-": a - b, "*": a * b}[op], line
 
 
-def test_every_hard_answer_is_recomputed_from_the_problem_parts():
+# Which of a level's ranges each quantity is drawn from (derived quantities, e.g. the amount paid, are left out).
+RANGE_OF = {
+    **dict.fromkeys(["q1", "q2", "hours", "hours2", "weeks", "crates", "adults", "children"], "count"),
+    **dict.fromkeys(["p1", "p2", "rate", "rate2", "speed", "speed2", "wage", "price", "per_crate"], "price"),
+    **dict.fromkeys(["adult_price", "child_price"], "price"),
+    **dict.fromkeys(["more", "given", "rejected", "had", "spent", "monday", "tuesday"], "small"),
+    "start": "stock",
+    "size": "size",
+    "crate": "size",
+}
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_every_hard_answer_is_recomputed_from_the_problem_parts(level):
     rng = random.Random(7)
-    problems = [make_hard_problem(rng) for _ in range(1500)]
+    problems = [make_hard_problem(rng, level) for _ in range(1500)]
     assert {p.kind for p in problems} == set(KINDS)
+    ranges = LEVELS[level]
     for problem in problems:
         assert problem.answer == recompute(problem.kind, problem.facts), problem.question
         assert problem.answer >= 0 and 3 <= len(problem.steps) <= 5, problem.question
@@ -64,10 +78,11 @@ def test_every_hard_answer_is_recomputed_from_the_problem_parts():
             check_step(line)
         last = STEP.match(problem.steps[-1]).groups()
         assert problem.answer in (int(last[3]), int(last[4] or -1)), "the last step gives the answer"
-        for value in problem.facts.values():  # every quantity the answer uses is stated in the question
+        for key, value in problem.facts.items():  # every quantity the answer uses is stated in the question
             assert value in (0, 1) or re.search(rf"\b{value}\b", problem.question), (value, problem.question)
-        numbers = [int(n) for n in re.findall(r"\d+", problem.question + " ".join(problem.steps))]
-        assert max(numbers) >= 100, f"no three-digit quantity: {problem.question}"
+            if key in RANGE_OF:
+                low, high = getattr(ranges, RANGE_OF[key])
+                assert low <= value <= high, (level, key, value, problem.question)
         trace = problem.trace()
         assert trace.startswith("<think>\n") and trace.endswith(
             f"</think>\nThe answer is \\boxed{{{problem.answer}}}."
@@ -76,9 +91,27 @@ def test_every_hard_answer_is_recomputed_from_the_problem_parts():
         re.search(r"years old|meters from|stickers|degrees|house number", p.question) is not None
         for p in problems
     )
-    assert 0.5 < with_distractor / len(problems) < 0.7
+    assert abs(with_distractor / len(problems) - ranges.distractor_rate) < 0.05
     remainders = [p for p in problems if " remainder " in p.steps[-1]]
     assert any(p.answer != 0 and p.facts.get("ask_left") for p in remainders)
+
+
+def test_levels_grow_the_numbers():
+    """A higher level draws from wider ranges, so its answers and intermediate results are larger."""
+    medians = []
+    for level in sorted(LEVELS):
+        rng = random.Random(3)
+        results = sorted(
+            int(step.split(" = ")[1].split()[0])
+            for _ in range(600)
+            for step in make_hard_problem(rng, level).steps
+        )
+        medians.append(results[len(results) // 2])
+    assert medians == sorted(medians) and medians[0] < medians[-1] / 2, medians
+    with pytest.raises(ValueError, match=r"level: expected one of \[1, 2, 3\], got 4"):
+        generate_splits(0, 5, 5, 5, difficulty="hard", level=4)
+    with pytest.raises(ValueError, match="stock"):
+        Level(price=(2, 9), count=(2, 3), stock=(20, 40), small=(2, 15), size=(2, 5), distractor_rate=0.1)
 
 
 def test_generation_is_deterministic_by_seed():

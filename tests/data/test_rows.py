@@ -32,7 +32,16 @@ def test_bad_row_error_names_file_row_and_field(write_jsonl, tokenizer, bad, exp
     with pytest.raises(DataError) as info:
         build_sft_samples(cfg, tokenizer)
     message = str(info.value)
-    assert path in message and "row 2" in message and expected in message
+    assert message.startswith(f"{path}: line 3: ") and expected in message
+
+
+def test_rows_of_files_without_lines_are_named_by_index(tmp_path, tokenizer):
+    rows = [conv(), conv(), BAD_ROWS[0][0]]
+    path = str(tmp_path / "train.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    with pytest.raises(DataError) as info:
+        build_sft_samples(DataSection(train=[path]), tokenizer)
+    assert str(info.value).startswith(f"{path}: row index 2: {BAD_ROWS[0][1]}")
 
 
 def test_non_string_content_is_located_even_when_arrow_refuses_the_file(write_jsonl, tokenizer):
@@ -40,12 +49,12 @@ def test_non_string_content_is_located_even_when_arrow_refuses_the_file(write_js
     path = write_jsonl("train.jsonl", [conv(), bad])
     with pytest.raises(DataError) as info:
         build_sft_samples(DataSection(train=[path]), tokenizer)
-    assert "row 1" in str(info.value) and "content" in str(info.value)
+    assert str(info.value).startswith(f"{path}: line 2: field messages[0].content: expected a string")
 
 
 def test_invalid_json_line_is_located(write_jsonl, tokenizer):
     path = write_jsonl("train.jsonl", [conv(), "{not json"])
-    with pytest.raises(DataError, match=r"row 1: not valid JSON"):
+    with pytest.raises(DataError, match=r"train.jsonl: line 2: not valid JSON"):
         build_sft_samples(DataSection(train=[path]), tokenizer)
 
 
@@ -55,7 +64,9 @@ def test_skip_mode_counts_and_lists_every_skipped_row(write_jsonl, tokenizer):
     samples, report = build_sft_samples(DataSection(train=[path], on_bad_row="skip"), tokenizer)
     assert len(samples) == 3 and report.used == 3 and report.rows == 5
     assert len(report.skipped) == 2
-    assert "row 1" in report.skipped[0] and "row 3" in report.skipped[1]
+    assert report.skipped[0].startswith(f"{path}: line 2: ") and report.skipped[1].startswith(
+        f"{path}: line 4: "
+    )
 
 
 def test_overlong_rows_are_truncated_or_dropped_and_counted(write_jsonl, tokenizer):
@@ -64,7 +75,11 @@ def test_overlong_rows_are_truncated_or_dropped_and_counted(write_jsonl, tokeniz
     samples, report = build_sft_samples(DataSection(train=[path], max_seq_len=64), tokenizer)
     assert report.truncated == 1 and samples.lengths.max() == 64 and len(samples) == 3
     samples, report = build_sft_samples(DataSection(train=[path], max_seq_len=64, overlong="drop"), tokenizer)
-    assert len(samples) == 2 and len(report.dropped_overlong) == 1 and "row 1" in report.dropped_overlong[0]
+    assert (
+        len(samples) == 2
+        and len(report.dropped_overlong) == 1
+        and f"{path}: line 2: " in report.dropped_overlong[0]
+    )
 
 
 def test_prompt_completion_rows_parquet_and_datasets_dir_give_the_same_tokens(
@@ -83,3 +98,13 @@ def test_prompt_completion_rows_parquet_and_datasets_dir_give_the_same_tokens(
     for other in results[1:]:
         assert (other.input_ids == results[0].input_ids).all()
         assert (other.loss_mask == results[0].loss_mask).all()
+
+
+def test_no_usable_rows_says_why_in_one_line(write_jsonl, tokenizer):
+    path = write_jsonl("train.jsonl", [BAD_ROWS[0][0], BAD_ROWS[2][0]])
+    with pytest.raises(DataError) as info:
+        build_sft_samples(DataSection(train=[path], on_bad_row="skip"), tokenizer)
+    assert str(info.value) == (
+        f"no usable rows in {path}: of 2, 2 malformed, 0 over data.max_seq_len, 0 without target tokens; "
+        f"first: {path}: line 1: {BAD_ROWS[0][1]} (expected one of system, user, assistant)"
+    )

@@ -128,3 +128,25 @@ def test_real_judge_votes_take_the_majority(pairs):
     results = score_with_judge(pairs, judge, seed=0)
     assert {r.score for r in results} == {1.0}
     assert all(r.verdicts.count("unparseable") == 2 and len(r.verdicts) == 6 for r in results)
+
+
+def test_verdict_summary_shows_position_bias_and_unreadable_verdicts(pairs):
+    """A judge that always takes the first answer shown ties every pair when asked in both orders; the summary
+    says so (first_shown_rate 1.0), where an oracle picks the first answer exactly half the time."""
+    from posttrain.evals.rewardbench import verdict_summary
+
+    chosen = {(p.prompt, p.chosen) for p in pairs}
+    first = score_with_judge(pairs, RecordingJudge(lambda prompt, a, b: ["A", "B"]), seed=0)
+    assert {r.score for r in first} == {0.5}
+    assert verdict_summary(first, votes=1) == {
+        "verdict_counts": {"A": len(pairs), "B": len(pairs)},
+        "unparseable_rate": 0.0,
+        "first_shown_rate": 1.0,
+    }
+    oracle = RecordingJudge(lambda prompt, a, b: ["A" if (prompt, a) in chosen else "B"] * 2)
+    assert verdict_summary(score_with_judge(pairs, oracle, seed=0), votes=1)["first_shown_rate"] == 0.5
+    half = RecordingJudge(lambda prompt, a, b: ["A", "unparseable", "A", "unparseable"])  # 2 votes per order
+    summary = verdict_summary(score_with_judge(pairs, half, seed=0), votes=2)
+    assert summary["unparseable_rate"] == 0.5 and summary["first_shown_rate"] == 0.5
+    unreadable = score_with_judge(pairs, RecordingJudge(lambda prompt, a, b: ["unparseable"]), seed=0)
+    assert verdict_summary(unreadable, votes=1)["first_shown_rate"] is None

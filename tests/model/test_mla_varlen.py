@@ -75,7 +75,7 @@ def test_selection_of_the_attention_path():
     model = DeepseekV3ForCausalLM(tiny_config())
     _, positions = _packed_rows(model.config.vocab_size)
     assert model.attn_implementation == "auto"
-    assert isinstance(model.attention_layout(positions), torch.Tensor)  # auto on CPU: the dense mask
+    assert isinstance(model.attention_layout(positions), PackedSamples)  # auto: per-sample, CPU included
     model.set_attn_implementation("varlen")
     padding = torch.ones_like(positions)
     padding[0, -2:] = 0

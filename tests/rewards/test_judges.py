@@ -20,7 +20,7 @@ from rewards import (
     parse_pairwise_verdict,
     parse_pointwise_score,
 )
-from rewards.judge import GenerationError, render
+from rewards.judge import LETTER_TEMPLATE, GenerationError, render
 
 
 def test_parse_pairwise_verdict():
@@ -31,6 +31,24 @@ def test_parse_pairwise_verdict():
     assert parse_pairwise_verdict("Format is [[A]] or [[B]]... I pick [[B]]") == "unparseable"  # two verdicts
     assert parse_pairwise_verdict("Assistant A is better.") == "unparseable"
     assert parse_pairwise_verdict("[[D]]") == "unparseable"
+    # A first line that is the verdict alone (what LETTER_TEMPLATE asks for), in the forms small models write.
+    for text, verdict in [
+        ("A", "A"),
+        (" **B**", "B"),
+        ("[A]", "A"),
+        ("B.\nIt is shorter.", "B"),
+        ("Answer a", "A"),
+    ]:
+        assert parse_pairwise_verdict(text) == verdict, text
+    assert parse_pairwise_verdict("[[B]]\nA") == "B"  # the bracketed verdict wins over a bare line
+    # Prose that starts with the letter is no verdict ("A" is also an article), nor is an echoed answer.
+    for text in [
+        "A good answer is B",
+        "A: green\nwhite",
+        'A: A: "A" is the correct answer.',
+        "The answer is A",
+    ]:
+        assert parse_pairwise_verdict(text) == "unparseable", text
 
 
 def test_parse_pointwise_score():
@@ -165,6 +183,17 @@ def test_position_bias_shows_in_the_two_orders(endpoint):
     assert judge.verdicts(["q"], ["a"], ["b"]) == [["A", "B"]]
     one_order = PairwiseJudge(OpenAIChatGenerator(endpoint.url, "m"), both_orders=False)
     assert one_order.verdicts(["q"], ["a"], ["b"]) == [["A"]]
+
+
+def test_letter_template_judge_reads_bare_letters_in_both_orders(endpoint):
+    """A small judge asked for the letter only: its bare letters are verdicts, mapped back in the swapped order."""
+    endpoint.answer = lambda text: "**A**\n" if "Answer A: Paris" in text else "B."
+    judge = PairwiseJudge(OpenAIChatGenerator(endpoint.url, "m"), template=LETTER_TEMPLATE)
+    assert judge.verdicts(["Capital of France?"], ["Paris"], ["Lyon"]) == [["A", "A"]]
+    assert judge.verdicts(["Capital of France?"], ["Lyon"], ["Paris"]) == [["B", "B"]]
+    assert judge.unparseable == 0
+    _, _, body = endpoint.requests[0]
+    assert body["messages"][0]["content"].startswith("Question: Capital of France?")
 
 
 def test_pointwise_judge_as_a_reward_in_the_runner(endpoint, monkeypatch):

@@ -218,3 +218,23 @@ def test_the_recipe_teacher_runs_through_the_transformers_backend(traces_recipe)
     assert all(
         s["filters"]["max_length"] == "truncated at max_tokens" and not s["accepted"] for s in truncated
     )
+
+
+def test_refused_sampling_settings_stop_the_run_without_retries(traces_recipe):
+    """A refusal of the sampling settings (not of one prompt) is raised at once: retrying every prompt
+    max_attempts times with back-off would only repeat it, for minutes."""
+    from posttrain.generation.base import SamplingParams, SamplingRefused
+    from posttrain.traces.pipeline import generate_with_retries
+
+    class RefusingBackend:
+        calls = 0
+
+        def generate(self, prompt_ids, params):
+            self.calls += 1
+            raise SamplingRefused("seeded sampling is not available here")
+
+    backend = RefusingBackend()
+    recipe = traces_recipe("refused", run={"max_attempts": 3, "backoff_s": 600.0})
+    with pytest.raises(SamplingRefused, match="seeded sampling"):
+        generate_with_retries(backend, [[1, 2], [3, 4]], SamplingParams(seed=0), recipe)
+    assert backend.calls == 1

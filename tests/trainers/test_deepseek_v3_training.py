@@ -9,38 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.config import GRPORecipe, SFTRecipe, load_recipe
+from posttrain.config import GRPORecipe, load_recipe
 from posttrain.model import DeepseekV3ForCausalLM
 from posttrain.trainers.grpo import train_grpo
-from posttrain.trainers.sft import train_sft
 
 
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory, repo_root) -> Path:
-    tmp = tmp_path_factory.mktemp("dsv3")
-    lines = (repo_root / "data/arith/sft.jsonl").read_text().splitlines()[:48]
-    (tmp / "train.jsonl").write_text("\n".join(lines) + "\n")
-    recipe = yaml.safe_load((repo_root / "recipes/sft_deepseek_v3_tiny.yaml").read_text())
-    recipe["model"]["from_config"] = str(repo_root / recipe["model"]["from_config"])
-    recipe["model"]["tokenizer"] = str(repo_root / recipe["model"]["tokenizer"])
-    recipe["data"]["train"] = str(tmp / "train.jsonl")
-    recipe["packing"]["capacity"] = 512
-    recipe["train"].update(max_steps=16, micro_batch_size=1, grad_accum=2)
-    recipe["logging"] = {"tensorboard": False, "progress": False}
-    recipe["output_dir"] = str(tmp / "sft")
-    path = tmp / "sft.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return train_sft(load_recipe(path, SFTRecipe))
-
-
 @pytest.mark.slow
-def test_sft_with_native_mtp_learns_and_balances_experts(sft_model):
+def test_sft_with_native_mtp_learns_and_balances_experts(quickstart_sft_model):
+    """The session's quickstart SFT run (tests/conftest.py): packed SFT of posttrain's DeepSeek-V3."""
+    sft_model = quickstart_sft_model
     rows = metrics(sft_model.parent)
-    assert len(rows) == 16
+    assert len(rows) == yaml.safe_load((sft_model.parent / "recipe.yaml").read_text())["train"]["max_steps"]
     assert all("mtp_loss" in r and "moe/max_over_mean_load" in r for r in rows)
     first, last = rows[0], rows[-1]
     assert last["main_loss"] < 0.7 * first["main_loss"] and last["mtp_loss"] < 0.8 * first["mtp_loss"]
@@ -51,9 +34,11 @@ def test_sft_with_native_mtp_learns_and_balances_experts(sft_model):
 
 
 @pytest.mark.slow
-def test_grpo_rollouts_from_the_latent_cache_agree_with_the_trainer(sft_model, tmp_path, repo_root):
+def test_grpo_rollouts_from_the_latent_cache_agree_with_the_trainer(
+    quickstart_sft_model, tmp_path, repo_root
+):
     recipe = {
-        "model": {"path": str(sft_model), "implementation": "posttrain"},
+        "model": {"path": str(quickstart_sft_model), "implementation": "posttrain"},
         "data": {"train": str(repo_root / "data/arith/rl.jsonl")},
         "generation": {"max_tokens": 16, "stop": ["<|im_end|>"]},
         "rewards": {
