@@ -115,9 +115,16 @@ def test_grpo_learns_what_its_reward_asks_for(tmp_path, tiny_policy, repo_root):
 @pytest.mark.slow
 def test_grpo_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_policy, repo_root):
     settings = {"num_iterations": 1}
-    reference = train_grpo(
-        load_recipe(write_recipe(tmp_path, tiny_policy, repo_root, "ref", **settings), GRPORecipe)
+    # The reference runs in its own process too: bitwise equality needs the same torch thread count, which
+    # earlier tests in this process (vLLM engines) may have changed.
+    reference_recipe = write_recipe(tmp_path, tiny_policy, repo_root, "ref", **settings)
+    subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", "grpo", str(reference_recipe), "train.max_steps=4"],
+        check=True,
+        timeout=600,
+        capture_output=True,
     )
+    reference = tmp_path / "ref" / "model"
 
     recipe = write_recipe(tmp_path, tiny_policy, repo_root, "killed", **settings)
     overrides = ["checkpoint.every=2", "train.max_steps=4"]
