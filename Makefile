@@ -8,4 +8,4 @@ quickstart: setup
 	.venv/bin/posttrain quickstart
 
 test: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/pytest
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/pytest -n auto --dist loadfile

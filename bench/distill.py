@@ -8,10 +8,9 @@ and CPU time.
 
 Every phase runs the bundled recipe through the `posttrain` CLI (recipes/sft_quickstart.yaml,
 recipes/traces_arith.yaml, recipes/distill_arith.yaml, recipes/distill_kd_arith.yaml) with the paths overridden
-and, for the traces, the settings that make the student learn the skill rather than only the format: one verified
-trace for each of 5000 distinct problems (the 4000 of data/arith/sft.jsonl, written here as prompts with their
-answers, and the 1000 of data/arith/rl.jsonl), instead of up to 2 of 8 samples for the 1000 RL prompts. Samples of
-one prompt are near copies of each other (the trace format is fixed), so distinct problems are what teaches.
+and nothing else changed: the traces recipe keeps one verified trace for each of 5000 distinct problems (the 4000
+of data/arith/sft_prompts.jsonl and the 1000 of data/arith/rl.jsonl). Samples of one prompt are near copies of
+each other (the trace format is fixed), so distinct problems are what teaches the student the skill.
 Accuracy is greedy pass@1 with math_accuracy on all 200 prompts of data/arith/test.jsonl, for the teacher as for
 the students. CPU time is user + sys of the phase's processes (on a machine shared with other work it says more
 than wall time).
@@ -23,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -38,22 +36,8 @@ sys.path[:] = [str(ROOT)] + [
 ]
 
 HELD_OUT = ["eval.prompts=[data/arith/test.jsonl]", "eval.max_prompts=200"]
-ONE_TRACE_PER_PROBLEM = ["accept.num_samples=4", "accept.max_per_prompt=1", "accept.pass_at_k=[1,2,4]"]
 # a timed-out reward call scores 0: the recipe's 5 s bound is tight for a worker starting on a loaded machine
 PATIENT_REWARDS = ["rewards.timeout_s=120"]
-
-
-def sft_problems_as_prompts(path: Path) -> Path:
-    """data/arith/sft.jsonl's problems as prompt rows (system + user turns) with their reference `answer`."""
-    rows = [json.loads(line)["messages"] for line in (ROOT / "data/arith/sft.jsonl").open()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        for messages in rows:
-            answer = re.search(r"\\boxed\{(-?\d+)\}", messages[-1]["content"])
-            if answer is None:
-                raise ValueError(f"data/arith/sft.jsonl: a row without a boxed answer: {messages[-1]}")
-            out.write(json.dumps({"prompt": messages[:2], "answer": answer.group(1)}) + "\n")
-    return path
 
 
 def children_cpu_s() -> float:
@@ -108,7 +92,6 @@ def main() -> None:
             "teacher_sft", ["sft", "recipes/sft_quickstart.yaml", f"output_dir={teacher.parent}"], timings
         )
     traces = out / "traces"
-    prompts = sft_problems_as_prompts(out / "sft_prompts.jsonl")
     run_phase(
         "traces",
         [
@@ -116,8 +99,6 @@ def main() -> None:
             "recipes/traces_arith.yaml",
             f"model.path={teacher}",
             f"output_dir={traces}",
-            f"data.train=[{prompts},data/arith/rl.jsonl]",
-            *ONE_TRACE_PER_PROBLEM,
             *PATIENT_REWARDS,
             *args.traces,
         ],

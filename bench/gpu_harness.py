@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from posttrain.data.packing import collate_packs  # noqa: E402
+
 H100_PEAK_TFLOPS = 989.0  # dense bf16, datasheet (H100 and H200 SXM alike)
 GEMM_CEILING_TFLOPS = 770.0  # bf16 8192³ measured on an H100 (an H200 measured 769–798 in other sessions)
 
@@ -201,12 +203,9 @@ def check_no_liger_patch() -> None:
 
 
 def batch_tensors(dataset: Any, ids: range, device: torch.device) -> dict[str, torch.Tensor]:
-    """The packs `ids` of a posttrain PackedDataset, stacked into one micro-batch on `device`."""
-    packs = [dataset[i] for i in ids]
-    return {
-        k: torch.stack([p[k] for p in packs]).to(device, non_blocking=True)
-        for k in ("input_ids", "position_ids", "loss_mask")
-    }
+    """The packs `ids` of a posttrain PackedDataset as one micro-batch on `device`, with the samples' offsets
+    (`cu_seqlens`) computed on the host: what the SFT trainer's loader gives its step."""
+    return collate_packs([dataset[i] for i in ids], device)
 
 
 def build_model(cfg: dict[str, Any], attn: str, device: torch.device, state: dict | None) -> torch.nn.Module:
@@ -406,6 +405,55 @@ def phase_split(prof: Any, device: torch.device, steps: int) -> dict[str, Any]:
     }
 
 
+# Host calls that wait for the GPU: a profiled step that holds one cannot queue work ahead of the device.
+_SYNC_CALLS = re.compile(
+    r"^(cudaStreamSynchronize|cudaDeviceSynchronize|cudaEventSynchronize|cuStreamSynchronize|cuCtxSynchronize"
+    r"|aten::_local_scalar_dense|aten::nonzero)$"
+)
+
+
+def gpu_timeline(prof: Any, steps: int) -> dict[str, Any]:
+    """Where the GPU waits in the profiled steps: the span from their first to their last kernel, the time some
+    kernel or copy runs (busy), the rest (idle: the host was behind, or waited for the GPU itself), the longest
+    idle gaps with the kernels on either side, and the host calls per step that wait for the GPU (syncs; the
+    profiler's own closing synchronize counts once in all)."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = prof.events()
+    annotations = {e.name for e in events if getattr(e, "is_user_annotation", False)}
+    work = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == cuda and e.name not in annotations and not e.name.startswith(_RANGES)
+    )
+    if not work:
+        return {}
+    busy_us, gaps = 0.0, []
+    start, end, last_name = work[0]
+    for begin, finish, name in work[1:]:
+        if begin > end:
+            busy_us += end - start
+            gaps.append((begin - end, last_name, name))
+            start = begin
+        if finish >= end:
+            end, last_name = finish, name
+    busy_us += end - start
+    span_us = work[-1][1] - work[0][0]
+    syncs: dict[str, int] = {}
+    for event in events:
+        if event.device_type == cpu and _SYNC_CALLS.match(event.name):
+            syncs[event.name] = syncs.get(event.name, 0) + 1
+    return {
+        "span_ms_per_step": round(span_us / 1e3 / steps, 3),
+        "busy_ms_per_step": round(busy_us / 1e3 / steps, 3),
+        "idle_ms_per_step": round((span_us - busy_us) / 1e3 / steps, 3),
+        "longest_idle_gaps": [
+            f"{gap / 1e3:.2f} ms after {before[:60]} before {after[:60]}"
+            for gap, before, after in sorted(gaps, reverse=True)[:8]
+        ],
+        "syncs_per_step": {name: round(count / steps, 2) for name, count in sorted(syncs.items())},
+    }
+
+
 def stop_profiler(
     prof: Any, device: torch.device, steps: int, kinds: list[tuple[str, re.Pattern]] = KERNEL_KINDS
 ) -> dict[str, Any]:
@@ -440,6 +488,11 @@ def stop_profiler(
         result |= phase_split(prof, device, steps)
     except Exception as error:  # noqa: BLE001 (the name-based share stands without it)
         result["split_error"] = f"{type(error).__name__}: {error}"
+    if device.type == "cuda":
+        try:
+            result["timeline"] = gpu_timeline(prof, steps)
+        except Exception as error:  # noqa: BLE001 (as above)
+            result["timeline_error"] = f"{type(error).__name__}: {error}"
     return result
 
 

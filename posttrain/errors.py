@@ -52,6 +52,10 @@ class UserError(Exception):
         return (_rebuild, (type(self), self.problems))
 
 
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot run; each problem names the file, the key's line and the key."""
+
+
 class RunExistsError(UserError, FileExistsError):
     """An output directory that already holds a run, when neither resuming nor overwriting it was asked."""
 

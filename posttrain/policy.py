@@ -117,11 +117,14 @@ class Policy(nn.Module):
         logits_from: int = 0,
         hidden_only: bool = False,
         attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> LMOutput:
         """Logits for positions `logits_from`.. of each row (all by default): scoring completions needs only
         their own positions. `hidden_only` returns the final hidden states and the head's weight instead, for
         losses that never build the [tokens, vocab] logits (posttrain.fast.chunked_loss). `attention_mask`: a
-        boolean [B, 1, L, L] (True = may attend) for layouts that position ids cannot express; SDPA only."""
+        boolean [B, 1, L, L] (True = may attend) for layouts that position ids cannot express; SDPA only.
+        `cu_seqlens`: the packed samples' offsets as the data loader computed them (posttrain.data.packing.
+        collate_packs), for varlen attention without a GPU→host sync; found from position_ids when None."""
         if self.is_posttrain_model:
             out = self.model(
                 input_ids,
@@ -134,7 +137,7 @@ class Policy(nn.Module):
             if hidden_only:
                 return LMOutput(None, mtp_logits, out.aux_loss, out.hidden_states, self.model.lm_head.weight)
             return LMOutput(out.logits[:, logits_from:], mtp_logits, out.aux_loss)
-        attention = self._attention_kwargs(position_ids, attention_mask)
+        attention = self._attention_kwargs(position_ids, attention_mask, cu_seqlens)
         want_mtp = with_mtp and self.mtp_heads is not None
         if hidden_only:
             from posttrain.fast.backbone import hidden_states_and_head
@@ -168,7 +171,9 @@ class Policy(nn.Module):
             return self.attention_implementation != "varlen"
         return self.attention_implementation == "sdpa"
 
-    def _attention_kwargs(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+    def _attention_kwargs(
+        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+    ) -> dict:
         from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs
 
         if attention_mask is not None:
@@ -179,7 +184,7 @@ class Policy(nn.Module):
                 )
             return {"attention_mask": attention_mask}
         if self.attention_implementation == VARLEN_ATTENTION:
-            return packed_attention_kwargs(position_ids)
+            return packed_attention_kwargs(position_ids, cu_seqlens)
         return {}
 
     def save_pretrained(self, directory: str | Path) -> None:

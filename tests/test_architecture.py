@@ -25,6 +25,7 @@ FORBIDDEN_PACKAGES = {"posttrain": set(), "rewards": {"posttrain"}, "sandbox": {
 # posttrain's rooms (the first name under posttrain/), lowest tier first.
 TIERS: list[tuple[str, ...]] = [
     ("__init__", "algorithms", "errors", "metrics", "samples"),  # the version; pure losses; user errors; logs
+    ("overrides", "package_files"),  # command-line `dotted.key=value` overrides; `pkg:` file paths
     ("config", "fast", "report"),  # recipe schema (checks grpo.loss keys); fused kernels; end-of-run figure
     ("data", "model"),  # loading, templating, packing; posttrain's DeepSeek-V3
     ("generation",),  # rollout backends and their factory

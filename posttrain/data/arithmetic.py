@@ -78,20 +78,27 @@ def generate_splits(
     difficulty: str = "easy",
     level: int = DEFAULT_LEVEL,
 ) -> dict[str, list[dict]]:
-    """Disjoint splits (no question appears in two of them); `level` applies to the hard tier only."""
+    """Disjoint splits (no question appears in two of them); `level` applies to the hard tier only.
+
+    `sft_prompts` holds the problems of `sft` again as prompts with their answers: sampling traces over every
+    distinct problem, not many samples of a few, is what lets a distilled student learn the skill."""
     make = problem_maker(difficulty, level)
     rng = random.Random(seed)
     seen: set[str] = set()
-    splits: dict[str, list[dict]] = {}
-    for split, count, to_row in (("sft", n_sft, sft_row), ("rl", n_rl, rl_row), ("test", n_test, rl_row)):
-        rows = []
-        while len(rows) < count:
+    problems: dict[str, list[Problem]] = {}
+    for split, count in (("sft", n_sft), ("rl", n_rl), ("test", n_test)):
+        problems[split] = []
+        while len(problems[split]) < count:
             problem = make(rng)
             if problem.question not in seen:
                 seen.add(problem.question)
-                rows.append(to_row(problem))
-        splits[split] = rows
-    return splits
+                problems[split].append(problem)
+    return {
+        "sft": [sft_row(problem) for problem in problems["sft"]],
+        "sft_prompts": [rl_row(problem) for problem in problems["sft"]],
+        "rl": [rl_row(problem) for problem in problems["rl"]],
+        "test": [rl_row(problem) for problem in problems["test"]],
+    }
 
 
 def train_tokenizer(texts: list[str], directory: Path, vocab_size: int = 512) -> None:

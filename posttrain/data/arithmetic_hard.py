@@ -1,8 +1,9 @@
 """The hard tier of the generated arithmetic task: word problems of 3–5 steps.
 
 Mixed operations (division with a remainder, change from a payment, rates), a distractor sentence with a
-number that plays no part in the answer (in some problems), and several wordings per kind of problem. Each problem keeps its `facts` (the quantities named in the question) and its `kind`, from
-which the answer can be recomputed independently of the steps written in the trace.
+number that plays no part in the answer (in some problems), and several wordings per kind of problem. Each
+problem keeps its `facts` (the quantities named in the question) and its `kind`, from which the answer can be
+recomputed independently of the steps written in the trace.
 
 The `level` (1-3) sets the number ranges and how often a distractor appears; the kinds and their steps are the
 same at every level. Level 1 (one- and two-digit quantities; the bundled data/arith_hard/) is sized for
@@ -69,6 +70,11 @@ DEFAULT_LEVEL = 1
 Made = tuple[str, list[str], int, dict[str, int]]
 
 
+def _draw(rng: random.Random, *ranges: tuple[int, int]) -> tuple[int, ...]:
+    """One integer from each inclusive range, drawn in the order given (the order fixes the bundled files)."""
+    return tuple(rng.randint(low, high) for low, high in ranges)
+
+
 def _divide(total: int, size: int) -> tuple[int, int, str]:
     quotient, remainder = divmod(total, size)
     return quotient, remainder, f"{total} / {size} = {quotient} remainder {remainder}"
@@ -76,12 +82,7 @@ def _divide(total: int, size: int) -> tuple[int, int, str]:
 
 def change_from_payment(rng: random.Random, name: str, level: Level) -> Made:
     (one, many), (one2, many2) = rng.sample(GOODS, 2)
-    q1, p1, q2, p2 = (
-        rng.randint(*level.count),
-        rng.randint(*level.price),
-        rng.randint(*level.count),
-        rng.randint(*level.price),
-    )
+    q1, p1, q2, p2 = _draw(rng, level.count, level.price, level.count, level.price)
     cost = q1 * p1 + q2 * p2
     paid = (cost // 10 + rng.randint(1, 5)) * 10  # a round sum above the cost
     question = rng.choice(
@@ -105,12 +106,7 @@ def change_from_payment(rng: random.Random, name: str, level: Level) -> Made:
 
 def packing_with_remainder(rng: random.Random, name: str, level: Level) -> Made:
     item = rng.choice(ITEMS)
-    start, more, given, size = (
-        rng.randint(*level.stock),
-        rng.randint(*level.small),
-        rng.randint(*level.small),
-        rng.randint(*level.size),
-    )
+    start, more, given, size = _draw(rng, level.stock, level.small, level.small, level.size)
     total = start + more - given
     full, left, division = _divide(total, size)
     ask_left = rng.random() < 0.5
@@ -131,12 +127,7 @@ def packing_with_remainder(rng: random.Random, name: str, level: Level) -> Made:
 
 def factory_rate(rng: random.Random, name: str, level: Level) -> Made:
     item = rng.choice(ITEMS)
-    rate, hours, rate2, hours2 = (
-        rng.randint(*level.price),
-        rng.randint(*level.count),
-        rng.randint(*level.price),
-        rng.randint(*level.count),
-    )
+    rate, hours, rate2, hours2 = _draw(rng, level.price, level.count, level.price, level.count)
     made, made2 = rate * hours, rate2 * hours2
     rejected = rng.randint(level.small[0], min(level.small[1], (made + made2) // 2))
     crate = rng.randint(*level.size)
@@ -164,12 +155,7 @@ def factory_rate(rng: random.Random, name: str, level: Level) -> Made:
 
 
 def trip_distance(rng: random.Random, name: str, level: Level) -> Made:
-    speed, hours, speed2, hours2 = (
-        rng.randint(*level.price),
-        rng.randint(*level.count),
-        rng.randint(*level.price),
-        rng.randint(*level.count),
-    )
+    speed, hours, speed2, hours2 = _draw(rng, level.price, level.count, level.price, level.count)
     driven = speed * hours + speed2 * hours2
     trip = driven + rng.randint(*level.small)
     question = rng.choice(
@@ -192,7 +178,7 @@ def trip_distance(rng: random.Random, name: str, level: Level) -> Made:
 
 def savings(rng: random.Random, name: str, level: Level) -> Made:
     one, many = rng.choice(GOODS)
-    wage, weeks, had = rng.randint(*level.price), rng.randint(*level.count), rng.randint(*level.small)
+    wage, weeks, had = _draw(rng, level.price, level.count, level.small)
     spent = rng.randint(level.small[0], min(level.small[1], (wage * weeks + had) // 2))
     price = rng.randint(*level.price)
     money = wage * weeks + had - spent
@@ -227,8 +213,9 @@ def savings(rng: random.Random, name: str, level: Level) -> Made:
 
 def stock_count(rng: random.Random, name: str, level: Level) -> Made:
     item = rng.choice(ITEMS)
-    start, monday, tuesday = rng.randint(*level.stock), rng.randint(*level.small), rng.randint(*level.small)
-    crates, per_crate = rng.randint(*level.count), rng.randint(*level.price)
+    start, monday, tuesday, crates, per_crate = _draw(
+        rng, level.stock, level.small, level.small, level.count, level.price
+    )
     question = rng.choice(
         [
             f"{name}'s shop starts the week with {start} {item}. It sells {monday} on Monday and {tuesday} on "
@@ -250,8 +237,9 @@ def stock_count(rng: random.Random, name: str, level: Level) -> Made:
 
 
 def shared_tickets(rng: random.Random, name: str, level: Level) -> Made:
-    adults, adult_price = rng.randint(*level.count), rng.randint(*level.price)
-    children, child_price = rng.randint(*level.count), rng.randint(*level.price)
+    adults, adult_price, children, child_price = _draw(
+        rng, level.count, level.price, level.count, level.price
+    )
     friends = rng.randint(2, 6)
     total = adults * adult_price + children * child_price
     coupon = rng.randint(level.small[0], min(level.small[1], total // 2))

@@ -286,3 +286,24 @@ class PackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         pack = build_pack(self.samples, self.plan.bin(i), self.plan.capacity, self.pad_id)
         return {name: torch.from_numpy(array) for name, array in pack.items()}
+
+
+def collate_packs(packs: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Packs of one micro-batch (`PackedDataset` items) as [B, S] rows on `device`, plus `cu_seqlens`: the offsets
+    of every sample (a padding tail counts as one) in the flattened B·S tokens, int32 [n + 1], as varlen
+    attention takes them (posttrain.fast.attention). The offsets come from the packs' `seq_lens` on the host, so
+    no step waits for the GPU to find them; on CUDA the host tensors are pinned and copied without blocking."""
+    if not packs:
+        raise ValueError("collate_packs needs at least one pack")
+    rows = {
+        name: torch.stack([pack[name] for pack in packs])
+        for name in ("input_ids", "position_ids", "loss_mask")
+    }
+    lengths = torch.cat([pack["seq_lens"] for pack in packs])
+    if int(lengths.sum()) != rows["input_ids"].numel():
+        raise ValueError(
+            f"the packs' seq_lens sum to {int(lengths.sum())}, not to their {rows['input_ids'].numel()} tokens"
+        )
+    rows["cu_seqlens"] = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    pinned = torch.device(device).type == "cuda"
+    return {name: (t.pin_memory() if pinned else t).to(device, non_blocking=True) for name, t in rows.items()}

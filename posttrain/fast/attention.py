@@ -12,8 +12,15 @@ Sample boundaries follow the rule of `posttrain.algorithms.sft.shifted_targets`:
 unless position_ids[j] = position_ids[j − 1] + 1 in the same row.
 
 Use: `register_varlen_attention()` once, then load the model with `attn_implementation=VARLEN_ATTENTION` and
-call it with `**packed_attention_kwargs(position_ids)` (computed once per forward, not once per layer).
-posttrain's own DeepSeek-V3 calls `packed_attention` directly with `PackedSamples`.
+call it with `**packed_attention_kwargs(position_ids, cu_seqlens)` (computed once per forward, not once per
+layer). posttrain's own DeepSeek-V3 calls `packed_attention` directly with `PackedSamples`.
+
+No GPU→host sync in a training step: the offsets come from the data loader, which knows every sample's length
+on the host (`posttrain.data.packing.collate_packs`), and the bound on the sample length that the varlen kernel
+sizes its grid by is the row length S, not the longest sample (reading that would wait for the GPU, and as a
+Python int that changes from batch to batch it would recompile compiled blocks; the kernel's programs for rows
+past a sample's end return at once). Only when no offsets are given are they found from the position ids, at
+the cost of one sync (`torch.nonzero`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,15 @@ except ImportError:
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Offsets of every sample in the flattened [B·S] tokens (int32 [n + 1], from 0 to B·S) and the longest."""
+    """Offsets of every sample in the flattened [B·S] tokens (int32 [n + 1], from 0 to B·S) and the longest.
+
+    Two GPU→host syncs (the offsets' count, the longest): what transformers' flash-attention path does when it
+    is given position ids alone. The training steps use `PackedSamples.of_rows`, which needs neither."""
+    cu_seqlens = _sample_offsets(position_ids)
+    return cu_seqlens, int(cu_seqlens.diff().max())
+
+
+def _sample_offsets(position_ids: torch.Tensor) -> torch.Tensor:
     if position_ids.ndim != 2:
         raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
     batch, seq = position_ids.shape
@@ -47,43 +62,57 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     offsets = torch.nonzero(starts.reshape(-1)).squeeze(1)
     end = torch.tensor([batch * seq], device=offsets.device, dtype=offsets.dtype)
-    cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
-    return cu_seqlens, int(cu_seqlens.diff().max())
+    return torch.cat([offsets, end]).to(torch.int32)
 
 
 @dataclass(frozen=True)
 class PackedSamples:
-    """The samples of packed rows as varlen kernels see them: offsets into the flattened B·S tokens, the longest."""
+    """The samples of packed rows as varlen kernels see them: offsets into the flattened B·S tokens, and a bound
+    on every sample's length (the row length S; see the module docstring)."""
 
     cu_seqlens: torch.Tensor
-    longest: int
+    max_length: int
 
     @classmethod
-    def from_position_ids(cls, position_ids: torch.Tensor) -> PackedSamples:
-        return cls(*cu_seqlens_from_position_ids(position_ids))
+    def of_rows(cls, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> PackedSamples:
+        """The samples of rows [B, S]: `cu_seqlens` as the data loader computed it, or (None) found from
+        `position_ids`, with one GPU→host sync."""
+        if position_ids.ndim != 2:
+            raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
+        if cu_seqlens is None:
+            cu_seqlens = _sample_offsets(position_ids)
+        elif cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(
+                f"cu_seqlens must be int32 [n + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        return cls(cu_seqlens, position_ids.shape[1])
 
 
-def packed_attention_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
-    """Keyword arguments for a transformers model's forward (the names its flash-attention path reads too)."""
-    cu_seqlens, longest = cu_seqlens_from_position_ids(position_ids)
+def packed_attention_kwargs(
+    position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for a transformers model's forward (the names its flash-attention path reads too);
+    `cu_seqlens` as in `PackedSamples.of_rows`."""
+    samples = PackedSamples.of_rows(position_ids, cu_seqlens)
     return {
-        "cu_seq_lens_q": cu_seqlens,
-        "cu_seq_lens_k": cu_seqlens,
-        "max_length_q": longest,
-        "max_length_k": longest,
+        "cu_seq_lens_q": samples.cu_seqlens,
+        "cu_seq_lens_k": samples.cu_seqlens,
+        "max_length_q": samples.max_length,
+        "max_length_k": samples.max_length,
     }
 
 
 def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int, scale: float
 ) -> torch.Tensor:
     """Causal attention within each packed sample over the flattened tokens: q [T, H, D], k [T, H_kv, D],
-    v [T, H_kv, D_v] (D_v may differ from D, as in MLA) -> [T, H, D_v]. On CUDA in half precision (or under
-    autocast) FlashAttention's varlen kernel; otherwise SDPA over the samples as a padded batch (exact)."""
+    v [T, H_kv, D_v] (D_v may differ from D, as in MLA) -> [T, H, D_v]; no sample is longer than `max_length`.
+    On CUDA in half precision (or under autocast) FlashAttention's varlen kernel; otherwise SDPA over the
+    samples as a padded batch (exact)."""
     device = q.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
     if q.is_cuda and dtype in (torch.float16, torch.bfloat16):
-        return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens, longest, scale)
+        return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens, max_length, scale)
     return _per_sample_sdpa(q, k.to(q.dtype), v.to(q.dtype), cu_seqlens, scale)
 
 
@@ -142,7 +171,7 @@ def _sample_by_sample_sdpa(
 
 
 def _flash_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int, scale: float
 ) -> torch.Tensor:
     if varlen_attn is None:
         raise RuntimeError(f"{VARLEN_ATTENTION} on CUDA needs torch.nn.attention.varlen (torch >= 2.10)")
@@ -169,7 +198,7 @@ def _flash_varlen(
         kwargs["scale"] = scale
     elif scale != q.shape[-1] ** -0.5:
         q = q * (scale * q.shape[-1] ** 0.5)
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **kwargs)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **kwargs)
     return out[..., :value_dim] if value_dim < out.shape[-1] else out
 
 
@@ -191,16 +220,20 @@ def varlen_attention(
         )
     if dropout:
         raise ValueError(f"{VARLEN_ATTENTION} has no attention dropout (got {dropout})")
-    cu_seqlens, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    cu_seqlens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seqlens is None:
         if kwargs.get("position_ids") is None:
             raise ValueError(f"{VARLEN_ATTENTION} needs position_ids or cu_seq_lens_q/max_length_q")
-        cu_seqlens, longest = cu_seqlens_from_position_ids(kwargs["position_ids"])
+        cu_seqlens, max_length = cu_seqlens_from_position_ids(kwargs["position_ids"])
     batch, heads, seq, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
-    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[-1]) for x in (query, key, value))
-    out = packed_attention(q, k, v, cu_seqlens, longest, scale)
+    out = packed_attention(*_tokens_first(query, key, value), cu_seqlens, max_length, scale)
     return out.reshape(batch, seq, heads, out.shape[-1]), None
+
+
+def _tokens_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[B, H, S, D] -> [B·S, H, D], the flattened tokens as `packed_attention` takes them."""
+    return [x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1]) for x in tensors]
 
 
 def unpadded_varlen_attention(
@@ -227,9 +260,7 @@ def unpadded_varlen_attention(
     real = attention_mask.reshape(-1).bool()
     lengths = attention_mask.sum(1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    q, k, v = (
-        x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[-1])[real] for x in (query, key, value)
-    )
+    q, k, v = (x[real] for x in _tokens_first(query, key, value))
     out = packed_attention(
         q, k, v, cu_seqlens, int(lengths.max()), scaling if scaling is not None else dim**-0.5
     )

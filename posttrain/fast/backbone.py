@@ -59,8 +59,9 @@ def _mark_tokens_dynamic(module: nn.Module, args: tuple, kwargs: dict[str, Any])
     """Before a compiled block runs: its token dimension (and the per-sample offsets of packed rows) may take any
     size, so a pack of a new length reuses the graph instead of recompiling. Every dim of size S of the hidden
     states [B, S, d] and of the other tensor arguments (position ids, RoPE's cos/sin, a [B, 1, S, S] mask) is
-    marked, and dim 0 of 1-D integer tensors (cu_seqlens: one entry per sample + 1). Python ints (the longest
-    sample) become symbolic after their first change."""
+    marked, and dim 0 of 1-D integer tensors (cu_seqlens: one entry per sample + 1). The bound on the sample
+    length that varlen attention takes as a Python int is the row length S (posttrain.fast.attention), so it
+    changes only when S does, and is symbolic after that first change."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
         return

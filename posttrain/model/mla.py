@@ -165,7 +165,7 @@ class MultiHeadLatentAttention(nn.Module):
         if isinstance(mask, PackedSamples):
             # The YaRN-scaled softmax scale goes in explicitly: kernels default to 1/sqrt(d_h + d_h^R).
             q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # [B*L, H, d]: samples are row segments
-            out = packed_attention(q, k, v, mask.cu_seqlens, mask.longest, self.softmax_scale)
+            out = packed_attention(q, k, v, mask.cu_seqlens, mask.max_length, self.softmax_scale)
             return self.o_proj(out.reshape(batch, length, self.num_heads * self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),

@@ -110,7 +110,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             return attention_mask
         varlen = self.attn_implementation in ("varlen", "auto")  # the faster on CPU too (fast/attention.py)
         if varlen and (attention_mask is None or bool(attention_mask.all())):
-            return PackedSamples.from_position_ids(position_ids)
+            return PackedSamples.of_rows(position_ids)
         return packed_causal_mask(position_ids, attention_mask)
 
     def gradient_checkpointing_enable(self) -> None:

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -57,7 +58,9 @@ def make_teacher_backend(recipe: TracesRecipe, tokenizer: PreTrainedTokenizerBas
         return build_backend("vllm", model_path=model_path, seed=cfg.seed, **cfg.options)
     if cfg.backend == "openai":
         return build_backend("openai", **{"tokenizer": tokenizer, **cfg.options})
-    return make_backend(cfg, load_causal_lm(recipe.model), tokenizer, out)
+    # Where the trainers put a model: a teacher left on the CPU of a GPU machine decodes many times slower.
+    teacher = load_causal_lm(recipe.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    return make_backend(cfg, teacher, tokenizer, out)
 
 
 def generate_with_retries(

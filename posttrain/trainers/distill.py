@@ -59,6 +59,7 @@ from posttrain.trainers.loop import (
     make_scheduler,
     optimizer_step,
     prepare_output_dir,
+    refuse_existing_run,
     save_final_model,
 )
 from posttrain.trainers.sft import mtp_depth_of, packed_sft_data, step_batches, steps_per_epoch, train_sft
@@ -136,6 +137,7 @@ def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, rec
 
 def train_distill(recipe: DistillRecipe, resume: bool = False) -> Path:
     """Evaluate, train (SFT, or SFT + logit distillation), evaluate again; returns the saved student."""
+    refuse_existing_run(recipe.output_dir, resume)  # before the first evaluation, not after it
     out = Path(recipe.output_dir)
     sft = sft_recipe(recipe)
     results_path = out / "eval.json"

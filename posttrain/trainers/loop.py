@@ -192,16 +192,23 @@ class Progress:
         self.metrics.close()
 
 
+def refuse_existing_run(output_dir: str | Path, resume: bool) -> None:
+    """A RunExistsError for an output_dir that holds a run's checkpoints, unless resuming it. Cheap: entry
+    points that do expensive work before training (an evaluation) call it first."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    if not resume and checkpoints.exists() and any(checkpoints.iterdir()):
+        raise RunExistsError(
+            "output_dir already holds checkpoints: pass --resume to continue that run, --overwrite to "
+            "delete it and start afresh, or choose another output_dir",
+            file=str(output_dir),
+        )
+
+
 def prepare_output_dir(output_dir: str | Path, recipe: Any, accelerator: Accelerator, resume: bool) -> Path:
     out = Path(output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-            raise RunExistsError(
-                "output_dir already holds checkpoints: pass --resume to continue that run, --overwrite to "
-                "delete it and start afresh, or choose another output_dir",
-                file=str(out),
-            )
+        refuse_existing_run(out, resume)
         dump_recipe(recipe, out / "recipe.yaml")
     accelerator.wait_for_everyone()
     return out

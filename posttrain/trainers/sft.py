@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.sft import IGNORE_INDEX, mtp_combined_loss, shifted_targets, token_cross_entropy_sum
 from posttrain.config import SFTRecipe, TrainSection
-from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, plan_packs
+from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, collate_packs, plan_packs
 from posttrain.data.sft import DataReport, build_sft_samples
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum
 from posttrain.policy import Policy, build_policy, load_tokenizer
@@ -97,16 +97,10 @@ def step_batches(
 
 
 def _micro_batches(dataset: PackedDataset, ids: np.ndarray, size: int, device: torch.device) -> list[dict]:
-    batches = []
-    for start in range(0, len(ids), size):
-        packs = [dataset[int(i)] for i in ids[start : start + size]]
-        batches.append(
-            {
-                k: torch.stack([p[k] for p in packs]).to(device)
-                for k in ("input_ids", "position_ids", "loss_mask")
-            }
-        )
-    return batches
+    return [
+        collate_packs([dataset[int(i)] for i in ids[start : start + size]], device)
+        for start in range(0, len(ids), size)
+    ]
 
 
 def _targets(batch: dict[str, torch.Tensor], mtp_depth: int) -> list[torch.Tensor]:
@@ -170,7 +164,11 @@ def train_sft(recipe: SFTRecipe, resume: bool = False) -> Path:
             with accelerator.no_sync(model) if not last else nullcontext(), accelerator.autocast():
                 chunk = train.loss_chunk_size
                 out_lm = model(
-                    batch["input_ids"], batch["position_ids"], with_mtp=mtp_depth > 0, hidden_only=bool(chunk)
+                    batch["input_ids"],
+                    batch["position_ids"],
+                    with_mtp=mtp_depth > 0,
+                    hidden_only=bool(chunk),
+                    cu_seqlens=batch["cu_seqlens"],
                 )
                 if chunk:  # the head and the loss fused per chunk of rows: no [tokens, vocab] logits
                     hidden, targets_flat = out_lm.hidden.flatten(0, 1), batch_targets[0].flatten()

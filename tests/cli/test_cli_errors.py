@@ -179,6 +179,37 @@ def test_an_output_dir_with_a_run_needs_resume_or_overwrite(sft_recipe, tmp_path
     assert not (out / "checkpoints").exists()
 
 
+def test_distill_refuses_an_existing_run_before_its_first_evaluation(
+    tmp_path, repo_root, capsys, monkeypatch
+):
+    from posttrain.trainers import distill
+
+    def no_model(*args: object) -> None:
+        raise AssertionError("a model was loaded for a run that is refused")
+
+    monkeypatch.setattr(distill, "load_causal_lm", no_model)  # the "before" evaluation's first step
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(
+        "model:\n"
+        f"  from_config: {repo_root / 'recipes/models/tiny_qwen2.json'}\n"
+        f"  tokenizer: {repo_root / 'data/tokenizer'}\n"
+        f"data: {{train: [{repo_root / 'data/arith/sft.jsonl'}]}}\n"
+        "rewards: {functions: [{name: math_accuracy}]}\n"
+        f"eval: {{prompts: [{repo_root / 'data/arith/test.jsonl'}]}}\n"
+        f"output_dir: {out}\n"
+    )
+    assert run_cli(capsys, "distill", recipe) == (
+        2,
+        [
+            f"error: {out}: output_dir already holds checkpoints: pass --resume to continue that run, "
+            "--overwrite to delete it and start afresh, or choose another output_dir"
+        ],
+    )
+    assert not (out / "eval.json").exists()
+
+
 def test_overwrite_deletes_only_a_previous_run(sft_recipe, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

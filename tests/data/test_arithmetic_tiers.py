@@ -118,8 +118,12 @@ def test_generation_is_deterministic_by_seed():
     first = generate_splits(3, 50, 20, 10, difficulty="hard")
     assert first == generate_splits(3, 50, 20, 10, difficulty="hard")
     assert first != generate_splits(4, 50, 20, 10, difficulty="hard")
-    questions = [json.dumps(row) for split in first.values() for row in split]
+    questions = [json.dumps(row) for split in ("sft", "rl", "test") for row in first[split]]
     assert len(set(questions)) == len(questions) == 80
+    # the SFT problems as prompts: the same questions, the answer their trace boxes
+    for sft, prompt in zip(first["sft"], first["sft_prompts"], strict=True):
+        assert prompt["prompt"] == sft["messages"][:2]
+        assert sft["messages"][-1]["content"].endswith(f"\\boxed{{{prompt['answer']}}}.")
     with pytest.raises(ValueError, match="difficulty: expected 'easy' or 'hard', got 'medium'"):
         problem_maker("medium")
 
@@ -130,7 +134,7 @@ def test_bundled_files_are_regenerated_byte_for_byte(tmp_path, repo_root):
     write_bundled_data(tmp_path, seed=0)
     write_bundled_data(tmp_path, seed=0, difficulty="hard")
     for tier in ("arith", "arith_hard"):
-        for split in ("sft", "rl", "test"):
+        for split in ("sft", "sft_prompts", "rl", "test"):
             written = (tmp_path / tier / f"{split}.jsonl").read_bytes()
             assert written == (repo_root / "data" / tier / f"{split}.jsonl").read_bytes(), f"{tier}/{split}"
     for name in ("tokenizer.json", "tokenizer_config.json"):

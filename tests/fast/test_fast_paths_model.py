@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from posttrain.algorithms.sft import shifted_targets, token_cross_entropy_sum
+from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, collate_packs
 from posttrain.fast.attention import (
     VARLEN_ATTENTION,
     cu_seqlens_from_position_ids,
@@ -70,6 +72,26 @@ def test_varlen_attention_gives_the_logits_of_each_sample_alone(models):
             torch.testing.assert_close(packed[:1, start : start + length], alone, rtol=1e-5, atol=1e-5)
             start += length
     torch.testing.assert_close(packed, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_collated_offsets_give_the_logits_of_the_position_ids(models):
+    """The training step's path: offsets from the packer's lengths (collate_packs), no sync on the device."""
+    plain, fast = models
+    lengths = [n for row in SAMPLE_LENGTHS for n in row]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.random.default_rng(5).integers(3, plain.config.vocab_size, offsets[-1])
+    samples = TokenizedSamples(tokens, np.ones(tokens.size, bool), offsets)
+    bins = np.concatenate([[0], np.cumsum([len(row) for row in SAMPLE_LENGTHS])])
+    plan = PackPlan(bins, np.arange(len(lengths)), capacity=64, real_tokens=int(offsets[-1]))
+    batch = collate_packs(list(PackedDataset(samples, plan, pad_id=0)), torch.device("cpu"))
+    with torch.no_grad():
+        want = plain(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        got = fast(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            **packed_attention_kwargs(batch["position_ids"], batch["cu_seqlens"]),
+        ).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_varlen_attention_rejects_a_padding_mask(models):

@@ -109,6 +109,7 @@ CASES = [
     Case("equation", boxed("y=2x+1"), "y=1+2x", True),
     Case("equation", boxed("y=2x+2"), "y=2x+1", False),
     Case("equation", boxed("2x+1"), "y=2x+1", True),
+    Case("equation", boxed("1 + 2 = 3"), "3", True),  # the working, then the answer: a true statement
     # units and degrees
     Case("units", boxed("30^\\circ"), "30", True),
     Case("units", boxed("30^{\\circ}"), "30^\\circ", True),
@@ -161,6 +162,10 @@ CASES = [
     Case("hacking", boxed("2, 3"), "2", False),
     Case("hacking", boxed("\\pm 2"), "2", False),
     Case("hacking", boxed("x"), "5", False),
+    # a false equation whose right side is the answer (math-verify alone compares the right side only)
+    Case("hacking", boxed("2 - 1 = 3"), "3", False),
+    Case("hacking", boxed("5 = 3"), "3", False),
+    Case("hacking", boxed("x = 5 = 3"), "3", False),
     # pathological: must be decided, quickly
     Case("pathological", boxed("10^{10^{10^{10}}}"), "1", False),
     Case("pathological", boxed("10^{10^{10^{10}}}"), "10^{10^{10^{10}}}", True),

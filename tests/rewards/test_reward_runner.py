@@ -167,3 +167,37 @@ def test_a_zero_weight_reward_is_only_watched():
         scores = runner.score(["p", "p"], ["RAISE", "ok"])
     assert scores.total == [0.5, 0.5]
     assert scores.error_counts[f"{FIXTURES}.raise_on_marker"] == 1
+
+
+def test_a_reward_whose_import_outlasts_the_deadline_is_scored_from_its_first_call(tmp_path, monkeypatch):
+    """Workers import a plug-in and call it once before their first deadline starts (the first worker and the
+    replacement of the one killed on HANG alike); a call that really hangs is still killed and counted."""
+    (tmp_path / "slow_import_reward.py").write_text(
+        "import time\n\n"
+        "time.sleep(1.5)  # an import slower than the deadline, e.g. a large library on a loaded machine\n\n\n"
+        "def length_or_hang(prompts, completions, **columns):\n"
+        "    while 'HANG' in completions[0]:\n"
+        "        pass\n"
+        "    return [float(len(completions[0]))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # before the workers start: they inherit the parent's path
+    with RewardRunner([RewardSpec("slow_import_reward:length_or_hang")], workers=1, timeout_s=1.0) as runner:
+        scores = runner.score(["p"] * 4, ["a", "bb", "HANG", "dddd"])
+        assert runner.pool.restarts == 1
+    assert scores.per_function["slow_import_reward:length_or_hang"] == [1.0, 2.0, None, 4.0]
+    assert scores.timeout_counts["slow_import_reward:length_or_hang"] == 1
+    [failure] = scores.failures
+    assert failure.sample == 2 and failure.timed_out and failure.message == "timed out after 1 s"
+
+
+def test_a_warm_up_that_hangs_is_dropped_and_the_calls_stay_bounded(caplog):
+    hangs = Call(reward_fixtures.sleep_on_marker, ([None], ["SLEEP"]), 0.5)
+    with BoundedPool(1, warmup_timeout_s=1.0) as pool:
+        pool.set_warmup([hangs])
+        started = time.monotonic()
+        outcomes = pool.map([hangs, Call(reward_fixtures.constant_half, ([None], ["x"]), 0.5)], chunk_size=2)
+        assert time.monotonic() - started < 4.0
+        assert pool.restarts == 2  # the worker stuck in its warm-up, then the one stuck in the call
+    assert outcomes[0].timed_out and outcomes[0].error == "timed out after 0.5 s"
+    assert outcomes[1].value == [0.5]
+    assert "warm-up failed (worker not ready after 1 s)" in caplog.text

@@ -25,5 +25,5 @@ def test_bundled_recipe_validates(repo_root, name, schema):
 def test_pass_at_k_beyond_the_sample_count_is_refused(repo_root):
     raw = yaml.safe_load((repo_root / "recipes" / "traces_arith.yaml").read_text())
     raw["accept"]["pass_at_k"] = [1, 16]
-    with pytest.raises(ValueError, match=r"pass_at_k \[16\] must lie in 1..accept.num_samples \(8\)"):
+    with pytest.raises(ValueError, match=r"pass_at_k \[16\] must lie in 1..accept.num_samples \(4\)"):
         TracesRecipe.model_validate(raw)

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.config import GRPORecipe, load_recipe
 from posttrain.model import DeepseekV3ForCausalLM
-from posttrain.trainers.grpo import train_grpo
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -35,26 +33,17 @@ def test_sft_with_native_mtp_learns_and_balances_experts(quickstart_sft_model):
 
 @pytest.mark.slow
 def test_grpo_rollouts_from_the_latent_cache_agree_with_the_trainer(
-    quickstart_sft_model, tmp_path, repo_root
+    quickstart_sft_model, two_grpo_steps, repo_root
 ):
-    recipe = {
-        "model": {"path": str(quickstart_sft_model), "implementation": "posttrain"},
-        "data": {"train": str(repo_root / "data/arith/rl.jsonl")},
-        "generation": {"max_tokens": 16, "stop": ["<|im_end|>"]},
-        "rewards": {
-            "functions": [{"name": "math_accuracy"}, {"name": "tag_count", "weight": 0.5}],
-            "workers": 1,
-        },
-        "grpo": {"prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 8},
-        "train": {"max_steps": 2, "lr": 1e-4, "min_lr": 1e-4},
-        "logging": {"tensorboard": False, "progress": False},
-        "output_dir": str(tmp_path / "grpo"),
-    }
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    train_grpo(load_recipe(path, GRPORecipe))
-    rows = [r for r in metrics(tmp_path / "grpo") if "loss" in r]
-    assert len(rows) == 2
+    _, rows = two_grpo_steps(
+        model={"path": str(quickstart_sft_model), "implementation": "posttrain"},
+        train=repo_root / "data/arith/rl.jsonl",
+        generation={"max_tokens": 16, "stop": ["<|im_end|>"]},
+        rewards=[{"name": "math_accuracy"}, {"name": "tag_count", "weight": 0.5}],
+        grpo={"prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 8},
+        lr=1e-4,
+    )
+    assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
         # issue 10's bar: sampler and trainer agree within 1e-3 nats per token on DeepSeek-architecture policies
         assert row["gap/max_abs"] < 1e-3, row["gap/max_abs"]

@@ -3,26 +3,23 @@ converted (once per session, shared with tests/model/test_gguf.py), then two GRP
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import yaml
 
-from posttrain.config import GRPORecipe, load_recipe
 from posttrain.model.gguf import SMOLLM2_GGUF, resolve_model_path
-from posttrain.trainers.grpo import train_grpo
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def test_grpo_with_vllm_on_smollm2_from_its_gguf_file(tmp_path, repo_root, posttrain_cache, monkeypatch):
+def test_grpo_with_vllm_on_smollm2_from_its_gguf_file(
+    two_grpo_steps, repo_root, posttrain_cache, monkeypatch
+):
     pytest.importorskip("vllm")
     monkeypatch.setenv("POSTTRAIN_CACHE", str(posttrain_cache))  # the session's conversion, not a second one
     converted = sorted((posttrain_cache / "gguf").iterdir())
-    recipe = {
-        "model": {"path": SMOLLM2_GGUF, "mtp": {"enabled": False}},
-        "data": {"train": str(repo_root / "data/arith_hard/rl.jsonl")},
-        "generation": {
+    model_dir, steps = two_grpo_steps(
+        model={"path": SMOLLM2_GGUF, "mtp": {"enabled": False}},
+        train=repo_root / "data/arith_hard/rl.jsonl",
+        generation={
             "backend": "vllm",
             "max_tokens": 16,
             "temperature": 1.0,
@@ -30,24 +27,14 @@ def test_grpo_with_vllm_on_smollm2_from_its_gguf_file(tmp_path, repo_root, postt
             # No torch.compile warm-up (two minutes on 2 cores) and a KV cache sized for these prompts.
             "options": {"enforce_eager": True, "max_model_len": 1024},
         },
-        "rewards": {
-            "functions": [{"name": "math_accuracy"}, {"name": "r1_format", "weight": 0.2}],
-            "workers": 1,
-        },
-        "grpo": {"prompts_per_step": 2, "num_generations": 2, "micro_batch_size": 4},
-        "train": {"max_steps": 2, "lr": 1e-6, "min_lr": 1e-6},
-        "logging": {"tensorboard": False, "progress": False},
-        "output_dir": str(tmp_path / "grpo"),
-    }
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    model_dir = train_grpo(load_recipe(path, GRPORecipe))
+        rewards=[{"name": "math_accuracy"}, {"name": "r1_format", "weight": 0.2}],
+        grpo={"prompts_per_step": 2, "num_generations": 2, "micro_batch_size": 4},
+        lr=1e-6,
+    )
 
     assert sorted((posttrain_cache / "gguf").iterdir()) == converted
     assert resolve_model_path(SMOLLM2_GGUF) == str(converted[0])
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "chat_template.jinja").is_file()
-    metrics = [json.loads(line) for line in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in metrics if "loss" in row]
     assert [row["step"] for row in steps] == [1, 2]
     for row in steps:
         # vLLM samples in float32 from the trainer's weights: its log-probs match the trainer's (5e-6 measured).

