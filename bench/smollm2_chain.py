@@ -77,6 +77,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget of this invocation")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="rollout/trace generation backend")
     p.add_argument("--eval-prompts", type=int, default=200)
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        help="also pass@1 over this many samples per prompt at temperature 1 (0: greedy only)",
+    )
     p.add_argument("--eval-max-tokens", type=int, default=192, help="as bench/smollm2.py")
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--grpo-steps", type=int, default=25)
@@ -87,6 +93,13 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=1e-5,
         help="train.lr = train.min_lr; the recipe's 2e-6 is for longer runs than --grpo-steps' 25",
+    )
+    p.add_argument("--grpo-checkpoint-every", type=int, default=10, help="checkpoint.every of the GRPO runs")
+    p.add_argument(
+        "--grpo-eval-every",
+        type=int,
+        default=0,
+        help="greedy eval of --eval-prompts every N GRPO steps; 0: none",
     )
     p.add_argument("--trace-prompts", type=int, default=1536, help="run.max_prompts of the traces")
     p.add_argument("--trace-batch", type=int, default=256, help="run.batch_prompts of the traces")
@@ -176,14 +189,17 @@ class Chain:
         )
         generation = GenerationSection(max_tokens=self.args.eval_max_tokens, temperature=0.0)
         runner = make_reward_runner(rewards)
+        backend = build_backend("hf", model=model, tokenizer=tokenizer)
         try:
-            result = evaluate(
-                build_backend("hf", model=model, tokenizer=tokenizer),
-                runner,
-                prompts,
-                generation,
-                AccuracyEvalSection(),
-            )
+            result = evaluate(backend, runner, prompts, generation, AccuracyEvalSection())
+            if self.args.eval_samples:
+                sampled = evaluate(
+                    backend,
+                    runner,
+                    prompts,
+                    generation,
+                    AccuracyEvalSection(temperature=1.0, samples=self.args.eval_samples),
+                )
         finally:
             runner.close()
         del model
@@ -198,10 +214,14 @@ class Chain:
             "n": n,
             "seconds": time.monotonic() - started,
         }
+        if self.args.eval_samples:
+            q, m = sampled["eval/accuracy"], n * self.args.eval_samples
+            entry |= {"sampled_accuracy": q, "sampled_se": math.sqrt(q * (1 - q) / m), "sampled_n": m}
         self.record["evals"][name] = entry
         self.save()
         print(
-            f"[eval {name}: {entry['correct']}/{n} = {p:.1%} ± {entry['se']:.1%}, {entry['seconds']:.1f} s]",
+            f"[eval {name}: {entry['correct']}/{n} = {p:.1%} ± {entry['se']:.1%}, sampled "
+            f"{entry.get('sampled_accuracy', math.nan):.1%}, {entry['seconds']:.1f} s]",
             flush=True,
         )
         return entry
@@ -249,17 +269,29 @@ def run_sft(chain: Chain, model: Path, out: Path) -> float:
     )  # fmt: skip
 
 
-def run_grpo(chain: Chain, model: Path, out: Path, steps: int) -> float:
+def run_grpo(chain: Chain, model: Path, name: str, steps: int) -> tuple[Path, float]:
+    """GRPO into <runs>/`name`. A run that an earlier invocation's deadline stopped continues from its last
+    checkpoint (one every --grpo-checkpoint-every steps), so a long run can span several invocations."""
     a = chain.args
+    out = chain.root / name
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if not resume:
+        out = chain.fresh(name)
     backend = HF_GENERATION if a.backend == "hf" else []
     lr = [f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}"]
-    return chain.posttrain(
-        "grpo", str(RECIPES / "grpo_vllm.yaml"),
+    evals = (
+        [f"data.eval={TEST_SET}", f"eval.every={a.grpo_eval_every}", f"eval.max_prompts={a.eval_prompts}"]
+        if a.grpo_eval_every
+        else ["data.eval=[]"]
+    )
+    seconds = chain.posttrain(
+        "grpo", str(RECIPES / "grpo_vllm.yaml"), *(["--resume"] if resume else []),
         f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}",
         f"grpo.prompts_per_step={a.grpo_prompts}", f"grpo.num_generations={a.grpo_generations}",
-        "data.eval=[]", "logging.progress=false", *backend, *lr,
+        f"checkpoint.every={a.grpo_checkpoint_every}", "logging.progress=false", *evals, *backend, *lr,
         *(tiny_overrides("grpo") if a.tiny else []),
     )  # fmt: skip
+    return out, seconds
 
 
 def run_distill(chain: Chain, model: Path, traces: Path, out: Path) -> float:
@@ -314,8 +346,7 @@ def phase_sft(chain: Chain) -> dict:
 
 
 def phase_grpo(chain: Chain) -> dict:
-    out = chain.fresh("grpo")
-    seconds = run_grpo(chain, chain.root / "sft" / "model", out, chain.args.grpo_steps)
+    out, seconds = run_grpo(chain, chain.root / "sft" / "model", "grpo", chain.args.grpo_steps)
     chain.score("grpo", out / "model")
     return {"train_s": seconds, "steps": chain.args.grpo_steps, **trainer_summary(out)}
 
@@ -356,8 +387,7 @@ def phase_student_rl(chain: Chain) -> dict:
     sft_s = run_sft(chain, student, sft_out)
     chain.score("student_sft", sft_out / "model")
     steps = chain.record["phases"].get("grpo", {}).get("steps", chain.args.grpo_steps)  # the teacher's
-    grpo_out = chain.fresh("student_grpo")
-    grpo_s = run_grpo(chain, sft_out / "model", grpo_out, steps)
+    grpo_out, grpo_s = run_grpo(chain, sft_out / "model", "student_grpo", steps)
     chain.score("student_grpo", grpo_out / "model")
     return {"convert_s": cut_s, "sft_s": sft_s, "grpo_s": grpo_s, "steps": steps, **trainer_summary(grpo_out)}
 
@@ -464,8 +494,8 @@ def markdown(record: dict) -> str:
         f"{env.get('date')}; training {env.get('training_precision')}; generation backend "
         f"{record.get('settings', {}).get('backend')}, {env.get('generation_precision')}.",
         "",
-        "| stage | greedy accuracy, data/arith_hard/test.jsonl | phase time |",
-        "|---|---|---|",
+        "| stage | greedy accuracy, data/arith_hard/test.jsonl | sampled pass@1 (T = 1) | phase time |",
+        "|---|---|---|---|",
     ]
     for key, label, phase in STAGES:
         entry = record["evals"].get(key)
@@ -473,9 +503,14 @@ def markdown(record: dict) -> str:
             continue
         info = record["phases"].get(phase, {})
         seconds = f"{info['seconds']:.0f} s" if "seconds" in info else "—"
+        sampled = (
+            f"{entry['sampled_accuracy']:.1%} ± {entry['sampled_se']:.1%} (n {entry['sampled_n']})"
+            if "sampled_accuracy" in entry
+            else "—"
+        )
         lines.append(
             f"| {label} | **{entry['accuracy']:.1%}** ± {entry['se']:.1%} ({entry['correct']}/{entry['n']}) "
-            f"| {seconds} ({phase}) |"
+            f"| {sampled} | {seconds} ({phase}) |"
         )
     lines += ["", "| phase | status | seconds | details |", "|---|---|---|---|"]
     for phase in PHASES:
