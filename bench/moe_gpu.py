@@ -283,7 +283,13 @@ def sft_loss(
         for k in range(mtp_depth + 1)
     ]
     counts = [(t != -100).sum() for t in targets]
-    out = policy(batch["input_ids"], batch["position_ids"], with_mtp=mtp_depth > 0, hidden_only=True)
+    out = policy(
+        batch["input_ids"],
+        batch["position_ids"],
+        with_mtp=mtp_depth > 0,
+        hidden_only=True,
+        cu_seqlens=batch["cu_seqlens"],
+    )
     hidden = out.hidden.flatten(0, 1)
     sums = [
         chunked_token_cross_entropy_sum(

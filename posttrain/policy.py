@@ -132,6 +132,7 @@ class Policy(nn.Module):
                 attention_mask=attention_mask,
                 return_mtp=with_mtp,
                 return_logits=not hidden_only,
+                cu_seqlens=cu_seqlens,
             )
             mtp_logits = list(out.mtp_logits or []) if with_mtp else []
             if hidden_only:

@@ -97,11 +97,15 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.attn_implementation = name
 
     def attention_layout(
-        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | PackedSamples | None:
         """How the blocks attend over rows with these positions: PackedSamples for varlen attention, else a dense
         [B, 1, L, L] mask or None (plain causal) for SDPA. A padding mask with zeros always takes the dense path;
-        a prepared [B, 1, L, L] mask is used as given, with SDPA."""
+        a prepared [B, 1, L, L] mask is used as given, with SDPA. `cu_seqlens`: the samples' offsets as the data
+        loader computed them (varlen only), which spares the GPU→host sync of finding them."""
         if attention_mask is not None and attention_mask.dim() == 4:
             if self.attn_implementation == "varlen":
                 raise ValueError(
@@ -110,7 +114,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             return attention_mask
         varlen = self.attn_implementation in ("varlen", "auto")  # the faster on CPU too (fast/attention.py)
         if varlen and (attention_mask is None or bool(attention_mask.all())):
-            return PackedSamples.of_rows(position_ids)
+            return PackedSamples.of_rows(position_ids, cu_seqlens)
         return packed_causal_mask(position_ids, attention_mask)
 
     def gradient_checkpointing_enable(self) -> None:
@@ -156,6 +160,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         use_cache: bool = False,
         return_mtp: bool = False,
         return_logits: bool = True,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, L]. position_ids [B, L] may restart inside a row (packed samples: each token attends only
         to earlier tokens of its own sample). attention_mask is optional: [B, L] (1 = token, 0 = padding), or a
@@ -163,7 +168,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         sharing one prompt), attended with SDPA.
         use_cache returns the prompt's latent cache for `decode_step` (one unpadded sample per row). Attention
         follows `attn_implementation` (see `attention_layout`). return_logits=False skips the output head (a
-        loss fused with the head reads `hidden_states`)."""
+        loss fused with the head reads `hidden_states`). cu_seqlens: int32 [n + 1], the packed samples' offsets over
+        the flattened rows as the data loader computed them (posttrain.data.packing.collate_packs); without it,
+        varlen attention finds them from position_ids on the device."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
@@ -185,7 +192,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         ids = sample_ids(position_ids)
         if use_cache and (attention_mask is not None or bool((ids[:, -1] > 0).any())):
             raise ValueError("use_cache needs one unpadded sample per row (no attention_mask, no packing)")
-        mask = self.attention_layout(position_ids, attention_mask)
+        mask = self.attention_layout(position_ids, attention_mask, cu_seqlens)
         rope = self.model.rotary_emb(position_ids)
         cache = self.new_cache(batch, capacity=length) if use_cache else None
 

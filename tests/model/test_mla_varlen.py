@@ -71,6 +71,27 @@ def test_varlen_keeps_samples_apart():
         assert (packed[:1, 7:] - model(ids[:1]).logits[:, 7:]).abs().max() > 1e-3
 
 
+def test_offsets_from_the_loader_are_used_as_given(monkeypatch):
+    """The SFT step's path (collate_packs gives cu_seqlens): the same logits as offsets found from the position
+    ids, and no search for them on the device (which costs a GPU→host sync per forward)."""
+    model = DeepseekV3ForCausalLM(tiny_config(), attn_implementation="varlen").eval()
+    ids, positions = _packed_rows(model.config.vocab_size)
+    offsets, _ = cu_seqlens_from_position_ids(positions)
+    with torch.no_grad():
+        found = model(ids, position_ids=positions).logits
+
+        def refuse(_positions):
+            raise AssertionError("offsets searched on the device although the loader gave them")
+
+        monkeypatch.setattr(attention, "_sample_offsets", refuse)
+        given = model(ids, position_ids=positions, cu_seqlens=offsets).logits
+        through_policy = Policy(model)(ids, positions, cu_seqlens=offsets).logits
+    torch.testing.assert_close(given, found, rtol=0, atol=0)
+    torch.testing.assert_close(through_policy, found, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="searched on the device"):  # the guard above can fail
+        model(ids, position_ids=positions)
+
+
 def test_selection_of_the_attention_path():
     model = DeepseekV3ForCausalLM(tiny_config())
     _, positions = _packed_rows(model.config.vocab_size)
