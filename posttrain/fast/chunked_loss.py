@@ -201,11 +201,12 @@ def chunked_token_logprobs(
     _check_shapes(hidden, lm_head_weight, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= lm_head_weight.shape[0]):
-        raise ValueError(
-            f"targets must be token ids in [0, {lm_head_weight.shape[0]}), got "
-            f"[{int(targets.min())}, {int(targets.max())}]"
-        )
+    if targets.numel():
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one GPU→host sync, not two
+        if low < 0 or high >= lm_head_weight.shape[0]:
+            raise ValueError(
+                f"targets must be token ids in [0, {lm_head_weight.shape[0]}), got [{low}, {high}]"
+            )
     impl = _resolve(impl, hidden)
     if impl == "liger":
         raise ValueError("loss impl 'liger' computes cross-entropy only; use 'auto', 'chunked' or 'fused'")

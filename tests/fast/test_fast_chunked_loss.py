@@ -122,8 +122,10 @@ def test_bad_arguments_are_named():
         chunked_token_cross_entropy_sum(hidden, weight, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="lm_head_weight \\[V, d\\]"):
         chunked_token_cross_entropy_sum(hidden, weight[:, :2], torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="token ids in \\[0, 7\\)"):
+    with pytest.raises(ValueError, match="token ids in \\[0, 7\\), got \\[0, 7\\]"):
         chunked_token_logprobs(hidden, weight, torch.tensor([0, 1, 7, 2]))
+    with pytest.raises(ValueError, match="got \\[-1, 2\\]"):
+        chunked_token_logprobs(hidden, weight, torch.tensor([0, -1, 2, 2]))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_cross_entropy_sum(hidden, weight, torch.zeros(4, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="loss impl"):
