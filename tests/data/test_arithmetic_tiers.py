@@ -1,5 +1,5 @@
-"""The generated arithmetic task's two tiers and the rephrased held-out set: answers recomputed from each problem's
-parts, wordings kept apart, files reproducible."""
+"""The generated arithmetic task's two tiers and their rephrased held-out sets: answers recomputed from each
+problem's parts, wordings kept apart, files reproducible."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import re
 import pytest
 
 from posttrain.data import arithmetic as easy
+from posttrain.data import arithmetic_hard as hard
 from posttrain.data import arithmetic_rephrased as rephrased
-from posttrain.data.arithmetic import generate_splits, problem_maker, write_bundled_data
-from posttrain.data.arithmetic_hard import KINDS, LEVELS, Level, make_hard_problem
+from posttrain.data.arithmetic import generate_splits, problem_maker, rl_row, write_bundled_data
+from posttrain.data.arithmetic_hard import DEFAULT_LEVEL, KINDS, LEVELS, Level, make_hard_problem
 
 STEP = re.compile(r"^(?:[\w ]+: )?(\d+) ([-+*/]) (\d+) = (\d+)(?: remainder (\d+))?$")
 
@@ -147,12 +148,26 @@ def test_bundled_files_are_regenerated_byte_for_byte(tmp_path, repo_root):
     assert len(hard_test) == 200 and set(hard_test[0]) == {"prompt", "answer"}
 
 
+# Every generator's and every rephrased set's names and objects: what the held-out sets must not share.
+NAMES = {
+    "generators": {*easy.NAMES, *hard.NAMES},
+    "rephrased": {*rephrased.NAMES, *rephrased.HARD_NAMES},
+}
+OBJECTS = {
+    "generators": {*easy.ITEMS, *hard.ITEMS, *(word for pair in hard.GOODS for word in pair)},
+    "rephrased": {
+        *rephrased.ITEMS,
+        *rephrased.HARD_ITEMS,
+        *(word for pair in rephrased.HARD_GOODS for word in pair),
+    },
+}
+
+
 def sentence_skeletons(question: str) -> set[str]:
     """The question's sentences with numbers, names and objects blanked: what a template fixes."""
-    words = {*easy.NAMES, *rephrased.NAMES}, {*easy.ITEMS, *rephrased.ITEMS}
     text = re.sub(r"\d+", "N", question)
-    text = re.sub(r"\b(" + "|".join(words[0]) + r")\b", "NAME", text)
-    text = re.sub(r"\b(" + "|".join(words[1]) + r")\b", "ITEM", text)
+    text = re.sub(r"\b(" + "|".join(set().union(*NAMES.values())) + r")\b", "NAME", text)
+    text = re.sub(r"\b(" + "|".join(set().union(*OBJECTS.values())) + r")\b", "ITEM", text)
     return {s.strip() for s in re.split(r"(?<=[.?;])\s", text) if s.strip()}
 
 
@@ -189,3 +204,40 @@ def test_rephrased_set_asks_the_easy_operations_in_new_sentences(repo_root):
     held_out = {json.dumps(json.loads(line)["prompt"]) for line in lines}
     bundled = (repo_root / "data/arith/test.jsonl").read_text().splitlines()
     assert not held_out & {json.dumps(json.loads(line)["prompt"]) for line in bundled}
+
+
+def test_hard_rephrased_set_asks_the_hard_kinds_in_new_sentences(repo_root):
+    """The bundled level's kinds, numbers and steps in sentences, names and objects no generator uses."""
+    assert not NAMES["generators"] & NAMES["rephrased"]
+    assert not OBJECTS["generators"] & OBJECTS["rephrased"]
+    assert not {*rephrased.NAMES, *rephrased.ITEMS} & {*rephrased.HARD_NAMES, *rephrased.HARD_ITEMS}
+    rng = random.Random(0)
+    generator_sentences = set().union(
+        *(sentence_skeletons(make_hard_problem(rng).question) for _ in range(3000)),
+        *(sentence_skeletons(easy.make_problem(rng).question) for _ in range(300)),
+        *(sentence_skeletons(rephrased.make_rephrased_problem(rng).question) for _ in range(300)),
+    )
+    used_words = re.compile(r"\b(" + "|".join(NAMES["generators"] | OBJECTS["generators"]) + r")\b")
+    problems = rephrased.rephrased_problems(seed=0, difficulty="hard")
+    assert {p.kind for p in problems} == set(KINDS)
+    ranges = LEVELS[DEFAULT_LEVEL]
+    for problem in problems:
+        assert problem.answer == recompute(problem.kind, problem.facts), problem.question
+        assert 3 <= len(problem.steps) <= 5, problem.question
+        for line in problem.steps:
+            check_step(line)
+        for key, value in problem.facts.items():
+            assert value in (0, 1) or re.search(rf"\b{value}\b", problem.question), (value, problem.question)
+            if key in RANGE_OF:
+                low, high = getattr(ranges, RANGE_OF[key])
+                assert low <= value <= high, (key, value, problem.question)
+        skeletons = sentence_skeletons(problem.question)
+        assert not skeletons & generator_sentences, problem.question
+        assert not used_words.search(problem.question), problem.question
+    assert any(re.search(r"months old|percent|number \d|pages|benches", p.question) for p in problems)
+    lines = (repo_root / "data/arith_hard/test_rephrased.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [rl_row(problem) for problem in problems]
+    assert len(lines) == 200 and set(json.loads(lines[0])) == {"prompt", "answer"}
+    bundled = [json.loads(line)["prompt"] for line in (repo_root / "data/arith_hard/test.jsonl").open()]
+    assert bundled[0][0] == json.loads(lines[0])["prompt"][0]  # the same system message
+    assert not {json.dumps(json.loads(line)["prompt"]) for line in lines} & {json.dumps(p) for p in bundled}
