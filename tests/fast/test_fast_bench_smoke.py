@@ -1,14 +1,19 @@
 """The GPU benchmarks' code paths on a tiny model on CPU (fp32): posttrain's fast SFT and GRPO steps give TRL's
 losses (and, for GRPO, TRL's gradient norms) step by step on the same packs and batch, TRL attending through the
-same varlen kernel (packed rows for SFT, padded rows unpadded by the mask for GRPO).
+same varlen kernel (packed rows for SFT, padded rows unpadded by the mask for GRPO); the SmolLM2 chain runs TRL's
+SFT and GRPO phases beside posttrain's.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
 
 pytest.importorskip("trl")
 
@@ -75,3 +80,53 @@ def test_moe_bench_fp8_run_tracks_the_bf16_run(repo_root, tmp_path):
     # the same packs from the same weights: FP8's quantisation error moves the losses only slightly
     agreement = results["fp8_speedup"]["main_loss"]
     assert agreement["steps"] == 3 and 0 < agreement["max_rel_diff"] < 1e-2
+
+
+@pytest.mark.slow
+def test_smollm2_chain_runs_trl_beside_posttrain(repo_root, tmp_path, tokenizer_dir):
+    """bench/smollm2_chain.py's TRL phases on a tiny random Llama with SmolLM2's tokenizer: TRL's SFT from the
+    base and TRL's GRPO from posttrain's cold start train, save a model that the chain scores like posttrain's,
+    and leave their step times and logs in the record and the table."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(tokenizer_dir, config_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    (config_dir / "config.json").write_text(json.dumps(config))
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    subprocess.run(
+        [
+            sys.executable,
+            str(repo_root / "bench" / "smollm2_chain.py"),
+            "--tiny",
+            "--init-config",
+            str(config_dir),
+        ]
+        + ["--runs", str(runs), "--out", str(out), "--eval-prompts", "2"]
+        + ["--phases", "base", "sft", "trl_sft", "trl_grpo"],
+        cwd=repo_root,
+        check=True,
+    )
+    record = json.loads((out / "chain.json").read_text())
+    for phase in ("sft", "trl_sft", "trl_grpo"):
+        assert record["phases"][phase]["status"] == "done", record["phases"][phase]
+        assert record["evals"][phase]["n"] == 2
+    for phase, logged in (("trl_sft", "loss"), ("trl_grpo", "rewards/math_accuracy/mean")):
+        summary = json.loads((runs / phase / "trl_summary.json").read_text())
+        assert summary["steps"] == 2 and len(summary["step_s"]) == 2 and summary["peak_gib"] is None  # CPU
+        assert all(logged in entry for entry in summary["log"])
+        assert record["phases"][phase]["s/step median"] > 0
+    table = (out / "chain.md").read_text()
+    assert "| the same cold start by TRL's SFTTrainer | **" in table
+    assert "| posttrain's cold start + the same GRPO by TRL's GRPOTrainer | **" in table
