@@ -7,7 +7,7 @@ Every stage is a `posttrain` command on the bundled recipes (recipes/smollm2/), 
 generation backend and paths, and GRPO's learning rate (raised for a short run). TRL's runs are
 bench/smollm2_trl.py on the same recipes with the same overrides (its docstring maps every setting to TRL's and
 says what has no equivalent), each in its own process like posttrain's, reporting seconds per step and peak GPU
-memory (posttrain's runs log no memory figure). Every model is scored the same way, in this process: greedy
+memory (posttrain's trainers log theirs on CUDA). Every model is scored the same way, in this process: greedy
 decoding of the first --eval-prompts prompts of each held-out set (data/arith_hard/test.jsonl, and
 data/arith_hard/test_rephrased.jsonl when it exists), math_accuracy reward, accuracy p with its standard error
 sqrt(p (1 - p) / n). Results go to <runs>/chain.json, which later invocations extend (a finished phase is not run
@@ -500,6 +500,7 @@ SUMMARY = [
     ("s/step median", "time/step_s", "median"),
     ("generation s/step median", "time/generation_s", "median"),
     ("tokens/s median", "tokens_per_s", "median"),
+    ("peak GiB", "memory/peak_gib", "last"),
 ]
 
 
@@ -516,8 +517,8 @@ TRL_SUMMARY = [
 
 
 def trainer_summary(run: Path) -> dict:
-    """A run's training steps (metrics.jsonl rows with a loss, not evaluations) summarised as SUMMARY says.
-    posttrain's metrics.jsonl and summary.json carry no memory figure, so posttrain's rows have no peak memory."""
+    """A run's training steps (metrics.jsonl rows with a loss, not evaluations) summarised as SUMMARY says
+    (peak memory: the trainers log it on CUDA only)."""
     path = run / "metrics.jsonl"
     rows = (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -553,6 +554,8 @@ def summarise(rows: list[dict], spec: list[tuple[str, str, str]]) -> dict:
         elif how == "tail":
             tail = values[-max(1, len(values) // 5) :]
             summary[label] = sum(tail) / len(tail)
+        elif how == "last":
+            summary[label] = values[-1]
         else:
             warm = sorted(values[1:] or values)
             summary[label] = warm[len(warm) // 2]
@@ -624,7 +627,7 @@ def markdown(record: dict) -> str:
         f"{env.get('date')}; training {env.get('training_precision')}; generation backend "
         f"{record.get('settings', {}).get('backend')}, {env.get('generation_precision')}. TRL's rows: TRL's "
         "trainers on the same recipes (bench/smollm2_trl.py), generation by transformers' "
-        f"{record.get('settings', {}).get('trl_generation', 'generate')}; posttrain logs no peak memory.",
+        f"{record.get('settings', {}).get('trl_generation', 'generate')}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -169,12 +169,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Progress:
-    """A progress bar with loss, tokens/s and ETA on the main process, and metrics to JSONL/TensorBoard."""
+    """A progress bar with loss, tokens/s and ETA on the main process, and metrics to JSONL/TensorBoard; on
+    CUDA every metrics row also carries the process's peak allocated memory so far (`memory/peak_gib`)."""
 
     def __init__(
         self, accelerator: Accelerator, output_dir: str | Path, cfg: LoggingSection, total: int, start: int
     ) -> None:
         self.main = accelerator.is_main_process
+        self.device = accelerator.device
         self.cfg = cfg
         self.metrics = MetricsWriter(output_dir, tensorboard=cfg.tensorboard, enabled=self.main)
         if start > 0:
@@ -185,11 +187,19 @@ class Progress:
         self.bar.update(1)
         self.bar.set_postfix(postfix, refresh=False)
         if step % self.cfg.every == 0:
-            self.metrics.write(step, values)
+            self.metrics.write(step, {**values, **peak_memory(self.device)})
 
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """{"memory/peak_gib": the allocator's peak since the process started} on CUDA (host-side bookkeeping, no
+    device sync), {} elsewhere."""
+    if device.type != "cuda":
+        return {}
+    return {"memory/peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def refuse_existing_run(output_dir: str | Path, resume: bool) -> None:
