@@ -486,8 +486,8 @@ RUNNERS = {
 }
 
 
-# What a run's metrics.jsonl is summarised by: (label, metric, which values): the first step's value, the mean
-# over the last fifth of the steps, or the median over the steps after the first (which carries the warm-up).
+# What a run's metrics.jsonl is summarised by: (label, metric, which values): the first or the last step's value,
+# the mean over the last fifth of the steps, or the median over the steps after the first (`median_after_first`).
 SUMMARY = [
     ("loss first", "loss", "first"),
     ("loss last 20%", "loss", "tail"),
@@ -537,7 +537,7 @@ def trl_summary(run: Path) -> dict:
     summary = json.loads((run / "trl_summary.json").read_text())
     clock = {
         "steps": summary["steps"],
-        "s/step median": summary["s/step median"],
+        "s/step median": median_after_first(summary["step_s"]) if summary["step_s"] else None,
         "peak GiB": summary["peak_gib"],
     }
     return {**summarise(summary["log"], TRL_SUMMARY), **{k: v for k, v in clock.items() if v is not None}}
@@ -557,9 +557,14 @@ def summarise(rows: list[dict], spec: list[tuple[str, str, str]]) -> dict:
         elif how == "last":
             summary[label] = values[-1]
         else:
-            warm = sorted(values[1:] or values)
-            summary[label] = warm[len(warm) // 2]
+            summary[label] = median_after_first(values)
     return summary
+
+
+def median_after_first(values: list[float]) -> float:
+    """The median of a run's per-step values leaving out the first step, which carries the warm-up."""
+    warm = sorted(values[1:] or values)
+    return warm[len(warm) // 2]
 
 
 # --- results ------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The recipe is read (with key=value overrides) by posttrain's own loader, so TRL gets exactly the settings the
 posttrain run of the same phase gets; each is mapped to its TRL argument below. Writes <output_dir>/model (weights
 and tokenizer) and <output_dir>/trl_summary.json: seconds per step (from one step's end to the next, generation
-included; the median leaves out the first step, which carries the warm-up), peak GPU memory
+included), peak GPU memory
 (torch.cuda.max_memory_allocated; none on CPU) and what TRL logged each step (loss, rewards, lengths).
 
     python bench/smollm2_trl.py sft recipes/smollm2/sft_cold_start.yaml model.path=runs/base output_dir=runs/trl_sft
@@ -87,14 +87,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def common_args(train, output_dir: Path) -> dict:  # noqa: ANN001 (posttrain.config.TrainSection)
-    """TRL (transformers TrainingArguments) settings for a posttrain `train` section."""
+    """TRL (transformers TrainingArguments) settings for a posttrain `train` section: warm-up, then cosine decay
+    to min_lr, or a constant lr when min_lr = lr, as posttrain schedules it."""
     import torch
 
     cuda = torch.cuda.is_available()
+    schedule = (
+        {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": train.min_lr}}
+        if train.min_lr < train.lr
+        else {"lr_scheduler_type": "constant"}
+    )
     return {
         "output_dir": str(output_dir / "trl"),
         "max_steps": train.max_steps,
         "learning_rate": train.lr,
+        **schedule,
         "warmup_steps": train.warmup_steps,
         "adam_beta1": train.betas[0],
         "adam_beta2": train.betas[1],
@@ -142,8 +149,6 @@ def build_sft(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN0
         **common_args(train, output_dir),
         per_device_train_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.grad_accum,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": train.min_lr},
         packing=True,
         packing_strategy="bfd",
         padding_free=True,
@@ -160,11 +165,12 @@ def build_grpo(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from posttrain.algorithms.grpo import GRPOLossConfig
     from rewards.registry import get
 
     if any(item.kwargs for item in recipe.rewards.functions):
         raise SystemExit("reward kwargs are not mapped")
-    grpo, loss = recipe.grpo, recipe.grpo.loss
+    grpo, loss = recipe.grpo, GRPOLossConfig(**recipe.grpo.loss)  # posttrain's defaults for unset keys
     completions = grpo.prompts_per_step * grpo.num_generations
     micro = min(grpo.micro_batch_size, completions)
     if completions % micro:
@@ -175,12 +181,6 @@ def build_grpo(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN
     )
     config = GRPOConfig(
         **common_args(recipe.train, output_dir),
-        lr_scheduler_type="cosine_with_min_lr" if recipe.train.min_lr < recipe.train.lr else "constant",
-        **(
-            {"lr_scheduler_kwargs": {"min_lr": recipe.train.min_lr}}
-            if recipe.train.min_lr < recipe.train.lr
-            else {}
-        ),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=completions // micro,
         num_generations=grpo.num_generations,
@@ -189,13 +189,13 @@ def build_grpo(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN
         temperature=recipe.generation.temperature,
         top_p=recipe.generation.top_p,
         reward_weights=[item.weight for item in recipe.rewards.functions],
-        loss_type=loss.get("loss_type", "dapo"),
-        epsilon=loss.get("epsilon", 0.2),
-        epsilon_high=loss.get("epsilon_high"),
-        beta=loss.get("beta", 0.0),
-        scale_rewards=loss.get("scale_rewards", "group"),
-        importance_sampling_level=loss.get("importance_sampling_level", "token"),
-        mask_truncated_completions=loss.get("mask_truncated_completions", False),
+        loss_type=loss.loss_type,
+        epsilon=loss.epsilon,
+        epsilon_high=loss.epsilon_high,
+        beta=loss.beta,
+        scale_rewards=loss.scale_rewards,
+        importance_sampling_level=loss.importance_sampling_level,
+        mask_truncated_completions=loss.mask_truncated_completions,
         use_vllm=False,
         use_transformers_continuous_batching=args.continuous_batching,
     )
@@ -206,11 +206,6 @@ def build_grpo(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN
         train_dataset=Dataset.from_list(read_rows(recipe.data.train, args.max_samples)),
         processing_class=tokenizer,
     )
-
-
-def median_after_first(values: list[float]) -> float | None:
-    warm = sorted(values[1:] or values)
-    return warm[len(warm) // 2] if warm else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -264,12 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": len(step_seconds),
         "train_s": train_s,
         "step_s": step_seconds,
-        "s/step median": median_after_first(step_seconds),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "log": logged,
     }
     (output_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[trl {args.kind}: {summary['steps']} steps, {summary['s/step median']} s/step, {train_s:.1f} s]")
+    print(f"[trl {args.kind}: {summary['steps']} steps in {train_s:.1f} s]")
     return summary
 
 
