@@ -114,6 +114,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grpo-prompts", type=int, default=32, help="grpo.prompts_per_step")
     p.add_argument("--grpo-generations", type=int, default=8, help="grpo.num_generations")
     p.add_argument(
+        "--grpo-micro-batch",
+        type=int,
+        default=64,
+        help="grpo.micro_batch_size of both toolkits' GRPO runs (completions per forward/backward)",
+    )
+    p.add_argument(
+        "--grpo-pack-tokens",
+        type=int,
+        default=8192,
+        help="posttrain's grpo.pack_tokens (rollouts scored as packed rows, no padding; TRL has no equivalent); "
+        "0: padded rows of --grpo-micro-batch",
+    )
+    p.add_argument(
         "--grpo-lr",
         type=float,
         default=1e-5,
@@ -308,7 +321,7 @@ def grpo_recipe(chain: Chain, model: Path, out: Path, steps: int) -> list[str]:
         str(RECIPES / "grpo_vllm.yaml"),
         f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}",
         f"grpo.prompts_per_step={a.grpo_prompts}", f"grpo.num_generations={a.grpo_generations}",
-        f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}",
+        f"grpo.micro_batch_size={a.grpo_micro_batch}", f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}",
         *(tiny_overrides("grpo") if a.tiny else []),
     ]  # fmt: skip
 
@@ -326,6 +339,7 @@ def run_grpo(chain: Chain, model: Path, name: str, steps: int) -> tuple[Path, fl
     if not resume:
         out = chain.fresh(name)
     backend = HF_GENERATION if a.backend == "hf" else []
+    packed = [f"grpo.pack_tokens={a.grpo_pack_tokens}"] if a.grpo_pack_tokens else []
     evals = (
         [f"data.eval={TEST_SET}", f"eval.every={a.grpo_eval_every}", f"eval.max_prompts={a.eval_prompts}"]
         if a.grpo_eval_every
@@ -333,7 +347,7 @@ def run_grpo(chain: Chain, model: Path, name: str, steps: int) -> tuple[Path, fl
     )
     seconds = chain.posttrain(
         "grpo", *(["--resume"] if resume else []), *grpo_recipe(chain, model, out, steps),
-        f"checkpoint.every={a.grpo_checkpoint_every}", "logging.progress=false", *evals, *backend,
+        f"checkpoint.every={a.grpo_checkpoint_every}", "logging.progress=false", *evals, *backend, *packed,
     )  # fmt: skip
     return out, seconds
 

@@ -13,6 +13,14 @@ copies grouped K/V heads H/H_kv times whenever there is a padding mask. Here:
    finished rows leave the batch and the cache;
 4. sampling and log-probs follow `posttrain.generation.base`: log softmax(z/T) before top-p, T = 1 for greedy.
 
+On CUDA a small model's decoding is bound by kernel launches and Python, not by the GPU (SmolLM2-135M: ~1 ms per
+layer per token). There each token's forward runs with inputs of fixed shape and address (`StaticDecodeStep`: a
+[B, 1, 1, capacity] mask whose next column is opened in place, position ids advanced in place, the static cache
+writing where its own length counter says), captured once per batch as a CUDA graph and replayed per token; the
+batch then keeps its finished rows (a replay costs the same either way, and a new capture costs more than the
+rows it would drop). `decode="static"` runs the same fixed-shape inputs without capture on CPU, which is how the
+tests check them against the growing-mask loop.
+
 On CPU the forwards run with `GROUPED_KV_SDPA`: transformers' SDPA contract with grouped K/V heads handed to the
 kernel as they are (`enable_gqa`) under a padding mask too, the same attention without the copies. The attention
 implementation is switched for the duration of a call and restored afterwards, because the module is usually the
@@ -23,9 +31,10 @@ SDPA while decoding for the same reason.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +114,81 @@ def sample_next(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
     return chosen, logprobs.gather(-1, chosen[:, None]).squeeze(-1)
 
 
+class StaticDecodeStep:
+    """One decoding forward over inputs of fixed shape and address, as a CUDA graph on CUDA.
+
+    Row i's mask allows its prompt (`mask`, left-padded to `width`) and every position decoded so far; each call
+    feeds one token per row, opens the next cache column, runs the forward (a graph replay once captured) and
+    advances the position ids. The static cache writes each step at its own length counter, a device tensor that
+    the forward advances in place, so a replay writes where the eager forward would.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        cache: StaticCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        capacity: int,
+        capture: bool,
+    ) -> None:
+        rows, width = mask.shape
+        self.model, self.cache, self.column = model, cache, width
+        self.allowed = torch.zeros(rows, 1, 1, capacity, dtype=torch.bool, device=mask.device)
+        self.allowed[:, 0, 0, :width] = mask.bool()
+        self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=mask.device)
+        self.position_ids = positions.clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        output = self.model(
+            input_ids=self.input_ids,
+            attention_mask=self.allowed,
+            position_ids=self.position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (lazy kernel and cuBLAS set-up must not happen during capture), undo the
+        warm-up's advance of the cache's length counters (its write is overwritten by the first replay), then
+        record the forward."""
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        for layer, length in zip(self.cache.layers, lengths, strict=True):
+            layer.cumulative_length.copy_(length)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next logits [B, V] after feeding `tokens` [B] (a view overwritten by the next call)."""
+        self.input_ids.copy_(tokens[:, None])
+        self.allowed[:, :, :, self.column] = True
+        self.column += 1
+        if self.graph is None:
+            logits = self._forward()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        self.position_ids += 1
+        return logits
+
+
 class HFBackend:
     """Generate with a transformers causal LM; it may be the trainer's own module (then no copy is made).
+
+    `decode`: "dynamic" is the growing-mask loop whose batch sheds finished rows, "static" runs every token's
+    forward on fixed-shape inputs (`StaticDecodeStep`, a CUDA graph on CUDA), "auto" is static on CUDA and dynamic
+    on CPU. Static decoding needs SDPA attention (the model's "sdpa" or posttrain's varlen attention, both decoded
+    with SDPA); "auto" decodes other implementations dynamically.
 
     `max_batch_size` bounds the completions decoded together (prompts × n). With `SamplingParams.seed`, a call
     draws from its own copy of torch's RNG seeded with it: the same seed, prompts, parameters, weights and
@@ -119,6 +201,7 @@ class HFBackend:
         model: PreTrainedModel | str | Path,
         tokenizer: PreTrainedTokenizerBase | str | Path | None = None,
         max_batch_size: int | None = None,
+        decode: Literal["auto", "dynamic", "static"] = "auto",
     ) -> None:
         if isinstance(model, str | Path):
             tokenizer = tokenizer or model
@@ -129,6 +212,9 @@ class HFBackend:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"HFBackend: max_batch_size must be >= 1, got {max_batch_size}")
+        if decode not in ("auto", "dynamic", "static"):
+            raise ValueError(f"HFBackend: decode must be 'auto', 'dynamic' or 'static', got {decode!r}")
+        self.decode = decode
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -187,6 +273,9 @@ class HFBackend:
             cache = self._static_cache(prompt_cache, copies, mask.shape[1], capacity)
             logits, mask = logits[copies], mask[copies]
             positions = mask.sum(dim=-1, keepdim=True)  # a row's next position: its prompt's length
+            static = (
+                self._static_step(cache, mask, positions, capacity) if self._static_decoding(device) else None
+            )
             finished = torch.zeros(len(rows), dtype=torch.bool, device=device)  # ended, still in the batch
             for step in range(params.max_tokens):
                 chosen, chosen_logprobs = sample_next(logits, params)
@@ -200,6 +289,9 @@ class HFBackend:
                 finished |= ended
                 if step + 1 == params.max_tokens or bool(finished.all()):
                     break
+                if static is not None:
+                    logits = static(chosen)
+                    continue
                 # Rebuilding the cache without the finished rows costs about two decoding steps; doing it once a
                 # quarter of the batch has finished was fastest (bench: 5.8 s against 6.1 s at every finish and
                 # 8.1 s never, 64 completions of 3 to 256 tokens).
@@ -263,6 +355,37 @@ class HFBackend:
             for row in generated.tolist()
         ]
         return torch.tensor(hits, device=generated.device)
+
+    def _static_decoding(self, device: torch.device) -> bool:
+        """Whether this batch decodes with `StaticDecodeStep` (called inside `_decoding_attention`)."""
+        if self.decode == "dynamic" or (self.decode == "auto" and device.type != "cuda"):
+            return False
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if attention in ("sdpa", GROUPED_KV_SDPA):
+            return True
+        if self.decode == "static":
+            raise ValueError(
+                f"HFBackend: decode='static' needs SDPA attention; the model attends with {attention!r}"
+            )
+        return False
+
+    def _static_step(
+        self, cache: StaticCache, mask: torch.Tensor, positions: torch.Tensor, capacity: int
+    ) -> StaticDecodeStep | None:
+        """The batch's `StaticDecodeStep`, captured on CUDA. With decode="auto", a model whose forward cannot be
+        captured (a host sync inside it, say) is decoded dynamically from then on, with a warning."""
+        try:
+            return StaticDecodeStep(self.model, cache, mask, positions, capacity, capture=mask.is_cuda)
+        except RuntimeError as error:
+            if self.decode == "static":
+                raise
+            warnings.warn(
+                f"HFBackend: the decoding forward could not be captured as a CUDA graph ({error}); "
+                "decoding with the growing-mask loop instead",
+                stacklevel=2,
+            )
+            self.decode = "dynamic"
+            return None
 
     @contextlib.contextmanager
     def _decoding_attention(self, device: torch.device) -> Iterator[None]:

@@ -240,3 +240,59 @@ def test_attention_implementation_is_switched_for_decoding_only(model, tokenizer
     for (ours,), (expected,) in zip(outputs, reference, strict=True):
         assert ours.token_ids == expected.token_ids
         assert ours.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+
+
+def test_static_decoding_equals_the_growing_mask_loop(engine):
+    """The fixed-shape inputs that CUDA graphs replay (run uncaptured on CPU): same tokens, log-probs, ends."""
+    model, tokenizer, prompts = engine
+    params = dataclasses.replace(GREEDY, n=2)
+    free = build_backend("hf", model=model, tokenizer=tokenizer, decode="dynamic").generate(prompts, params)
+    free = [c for group in free for c in group]
+    # An EOS that ends some rows early, so the static batch keeps finished rows the dynamic one drops.
+    eos = next(t for c in free for t in c.token_ids[3:10] if any(t not in o.token_ids for o in free))
+    configured = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        dynamic = build_backend("hf", model=model, tokenizer=tokenizer, decode="dynamic")
+        static = build_backend("hf", model=model, tokenizer=tokenizer, decode="static")
+    finally:
+        model.generation_config.eos_token_id = configured
+    calls, handle = record_forwards(model)
+    try:
+        ours = static.generate(prompts, params)
+    finally:
+        handle.remove()
+    assert all(shape == (len(prompts) * params.n, 1) for shape, _ in calls[1:])  # the batch never shrinks
+    expected = dynamic.generate(prompts, params)
+    assert {c.finish_reason for group in expected for c in group} == {"stop", "length"}
+    for mine, theirs in zip(ours, expected, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_static_decoding_samples_with_the_logprobs_of_a_full_forward(engine):
+    model, tokenizer, prompts = engine
+    params = SamplingParams(n=3, max_tokens=16, temperature=0.8, top_p=0.9, seed=5)
+    outputs = build_backend("hf", model=model, tokenizer=tokenizer, decode="static").generate(prompts, params)
+    for prompt, completions in zip(prompts, outputs, strict=True):
+        assert len({tuple(c.token_ids) for c in completions}) > 1, "the samples of a prompt must differ"
+        for completion in completions:
+            recomputed = forward_logprobs(model, prompt, completion.token_ids, temperature=0.8)
+            torch.testing.assert_close(
+                torch.tensor(completion.logprobs, dtype=torch.float64), recomputed, atol=1e-5, rtol=0
+            )
+
+
+def test_static_decoding_needs_sdpa_attention(model, tokenizer, prompts):
+    model.set_attn_implementation("eager")
+    with pytest.raises(
+        ValueError, match="decode='static' needs SDPA attention; the model attends with 'eager'"
+    ):
+        build_backend("hf", model=model, tokenizer=tokenizer, decode="static").generate(prompts, GREEDY)
+    reference = build_backend("hf", model=model, tokenizer=tokenizer, decode="dynamic").generate(
+        prompts, GREEDY
+    )
+    assert build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, GREEDY) == reference
+    with pytest.raises(ValueError, match="decode must be 'auto', 'dynamic' or 'static', got 'graph'"):
+        build_backend("hf", model=model, tokenizer=tokenizer, decode="graph")

@@ -1,0 +1,140 @@
+"""posttrain's hf rollout backend, growing-mask decoding against static decoding replayed as a CUDA graph, and
+transformers' `generate` (the rollout path of TRL's GRPOTrainer without vLLM), on a real chat model.
+
+Prompts are the first --prompts rows of a prompt file in the model's chat template. Each way decodes them
+--repeats times (the first call warms up and is not timed): sampled, --n completions per prompt at T = 1 up to
+--max-tokens, reporting the median seconds per call and generated tokens per second; then greedy, where static
+decoding must give the growing-mask loop's tokens (agreement, and the largest log-prob difference). The model
+runs as `posttrain grpo` samples with it: fp32 weights, SDPA attention. Results: <out>/hf_decode.json.
+
+    python bench/hf_decode_gpu.py --model runs/smollm2/sft/model --out results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# bench/rewards.py would shadow the `rewards` package: import from the repository root, not from bench/.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)
+
+from posttrain.data.prompts import load_prompts  # noqa: E402
+from posttrain.generation import SamplingParams, build_backend  # noqa: E402
+
+
+def timed(call) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = call()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def transformers_generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[int]:
+    """Generated token counts of transformers' `generate` over the left-padded prompts, as TRL calls it."""
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=params.max_tokens,
+            num_return_sequences=params.n,
+            pad_token_id=pad,
+        )
+    completions = out[:, width:]
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    ended = torch.isin(completions, torch.tensor(eos, device=completions.device))
+    first = torch.where(ended.any(1), ended.float().argmax(1) + 1, completions.shape[1])
+    return first.tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory")
+    p.add_argument("--data", default="data/arith_hard/rl.jsonl")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--greedy-prompts", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model = model.cuda().eval()
+    rows = load_prompts([args.data], tokenizer)
+    prompts = rows.prompt_ids[: max(args.prompts, args.greedy_prompts)]
+    sampled = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=1.0, seed=0)
+    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "settings": vars(args),
+    }
+
+    backends = {
+        d: build_backend("hf", model=model, tokenizer=tokenizer, decode=d) for d in ("dynamic", "static")
+    }
+    for name, backend in backends.items():
+        seconds, tokens = [], 0
+        for repeat in range(args.repeats + 1):
+            elapsed, groups = timed(lambda b=backend: b.generate(prompts[: args.prompts], sampled))
+            if repeat:
+                seconds.append(elapsed)
+                tokens = sum(len(c.token_ids) for g in groups for c in g)
+        median = statistics.median(seconds)
+        results[name] = {"s_per_call": median, "tokens": tokens, "tokens_per_s": tokens / median}
+        print(name, results[name], flush=True)
+
+    seconds, tokens = [], 0
+    for repeat in range(args.repeats + 1):
+        elapsed, lengths = timed(
+            lambda: transformers_generate(model, tokenizer, prompts[: args.prompts], sampled)
+        )
+        if repeat:
+            seconds.append(elapsed)
+            tokens = sum(lengths)
+    median = statistics.median(seconds)
+    results["transformers_generate"] = {
+        "s_per_call": median,
+        "tokens": tokens,
+        "tokens_per_s": tokens / median,
+    }
+    print("transformers_generate", results["transformers_generate"], flush=True)
+
+    reference = backends["dynamic"].generate(prompts[: args.greedy_prompts], greedy)
+    ours = backends["static"].generate(prompts[: args.greedy_prompts], greedy)
+    same = sum(a.token_ids == b.token_ids for (a,), (b,) in zip(ours, reference, strict=True))
+    gap = max(
+        (abs(x - y) for (a,), (b,) in zip(ours, reference, strict=True) if a.token_ids == b.token_ids
+         for x, y in zip(a.logprobs, b.logprobs, strict=True)),
+        default=0.0,
+    )  # fmt: skip
+    results["greedy_agreement"] = {"same_tokens": same, "of": len(reference), "max_logprob_diff": gap}
+    results["static_speedup"] = results["dynamic"]["s_per_call"] / results["static"]["s_per_call"]
+    print(json.dumps({k: results[k] for k in ("greedy_agreement", "static_speedup")}), flush=True)
+    (out / "hf_decode.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
