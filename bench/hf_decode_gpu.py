@@ -73,6 +73,9 @@ def main() -> None:
     p.add_argument("--greedy-prompts", type=int, default=64)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--profile", action="store_true", help="also the top CUDA kernels of one static sampled call"
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,24 @@ def main() -> None:
     results["greedy_agreement"] = {"same_tokens": same, "of": len(reference), "max_logprob_diff": gap}
     results["static_speedup"] = results["dynamic"]["s_per_call"] / results["static"]["s_per_call"]
     print(json.dumps({k: results[k] for k in ("greedy_agreement", "static_speedup")}), flush=True)
+    if args.profile:
+        results["static_profile"] = profile(backends["static"], prompts[: args.prompts], sampled)
     (out / "hf_decode.json").write_text(json.dumps(results, indent=2))
+
+
+def profile(backend, prompts: list[list[int]], params: SamplingParams, top: int = 15) -> dict:
+    """GPU milliseconds per call by kernel (the `top` largest), and the call's wall-clock."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        elapsed, _ = timed(lambda: backend.generate(prompts, params))
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    table = {e.key[:90]: [round(e.device_time_total / 1e3, 1), e.count] for e in kernels[:top]}
+    gpu_ms = sum(e.device_time_total for e in kernels) / 1e3
+    print(json.dumps({"wall_s": elapsed, "gpu_ms": gpu_ms, "kernels_ms_count": table}, indent=1), flush=True)
+    return {"wall_s": elapsed, "gpu_ms": gpu_ms, "kernels_ms_count": table}
 
 
 if __name__ == "__main__":

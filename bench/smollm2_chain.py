@@ -75,9 +75,6 @@ KEPT_FILES = ["metrics.jsonl", "report.md", "report.png", "summary.json", "recip
 KEPT_DIRS = ["accepted"]
 ARCHIVE_LIMIT = 15 * 2**20
 START_MARGIN_S = 20  # a command that would get less than this before the deadline is not started
-# A TRL run under a deadline ends its training this long before it (then saves, and the chain scores the model):
-# a run cut short is recorded with the steps it took, where posttrain's GRPO resumes from its checkpoint instead.
-TRL_SAVE_AND_SCORE_S = 120
 # The recipes' vLLM engine options do not apply to the hf backend, and their stop string "<|im_end|>" is SmolLM2's
 # EOS token, which ends a completion anyway (and never appears in the decoded text the stop check reads).
 HF_GENERATION = ["generation.backend=hf", "generation.options={}", "generation.stop=[]"]
@@ -100,6 +97,13 @@ def parse_args() -> argparse.Namespace:
         choices=["generate", "continuous_batching"],
         default="generate",
         help="trl_grpo's rollouts: transformers' generate, or its continuous batching (bf16 on CUDA)",
+    )
+    p.add_argument(
+        "--trl-reserve-s",
+        type=float,
+        default=120,
+        help="a TRL run under --deadline-s ends its training this long before it, to save and be scored (a run "
+        "cut short is recorded with the steps it took; posttrain's GRPO resumes from its checkpoint instead)",
     )
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument(
@@ -416,7 +420,7 @@ TRL_TINY_ROWS = {"sft": 64, "grpo": 16}
 
 def run_trl(chain: Chain, kind: str, recipe: list[str], out: Path) -> dict:
     rows = ["--max-samples", str(TRL_TINY_ROWS[kind])] if chain.args.tiny else []
-    left = chain.left() - TRL_SAVE_AND_SCORE_S
+    left = chain.left() - chain.args.trl_reserve_s
     budget = [] if math.isinf(left) else ["--stop-after-s", str(max(0.0, left))]
     seconds = chain.trl(kind, *recipe, *rows, *budget)
     chain.score(out.name, out / "model")

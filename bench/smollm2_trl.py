@@ -49,7 +49,10 @@ grpo (GRPOTrainer), from grpo_vllm.yaml:
   generation.backend              TRL's transformers `generate` path (use_vllm=False); with --continuous-batching,
                                   transformers' continuous batching (use_transformers_continuous_batching)
   train.*                         as for sft (GRPO recipe: constant lr, no warm-up)
-  attention                       sdpa (padded rows; generation runs through the same module)
+  attention                       padded rows unpadded by their mask into posttrain's varlen kernel
+                                  (`posttrain_varlen_unpad`: what flash-attention does for TRL users), cached
+                                  decoding by SDPA over the padding mask. With plain sdpa, one H200 run went to
+                                  grad_norm nan at step 19 (then a device-side assert in sampling)
   data.eval / eval.*              no equivalent wired here: the chain scores the saved model afterwards
 """
 
@@ -176,8 +179,11 @@ def build_grpo(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN
     if completions % micro:
         raise SystemExit(f"{completions} completions per step do not split into micro-batches of {micro}")
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    from posttrain.fast.attention import UNPAD_VARLEN_ATTENTION, register_varlen_attention
+
+    register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.path, attn_implementation="sdpa", dtype="float32"
+        recipe.model.path, attn_implementation=UNPAD_VARLEN_ATTENTION, dtype="float32"
     )
     config = GRPOConfig(
         **common_args(recipe.train, output_dir),

@@ -247,15 +247,21 @@ def unpadded_varlen_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract over padded rows: `attention_mask` [B, S] (1 = real token, each
-    row's real tokens contiguous, left or right padding) or None (no padding). -> ([B, S, H, D_v], None)."""
+    row's real tokens contiguous, left or right padding) or None (no padding). -> ([B, S, H, D_v], None).
+
+    Decoding over a KV cache (fewer queries than keys: the queries are each row's newest positions) goes to SDPA
+    with the padding mask, as flash-attention's own decoding path attends over the cache without unpadding."""
     if attention_mask is None:  # no padding: each row is one sequence
-        attention_mask = torch.ones(query.shape[0], query.shape[2], dtype=torch.int32, device=query.device)
+        attention_mask = torch.ones(query.shape[0], key.shape[2], dtype=torch.int32, device=query.device)
     if dropout:
         raise ValueError(f"{UNPAD_VARLEN_ATTENTION} has no attention dropout (got {dropout})")
-    if attention_mask.ndim != 2:
+    if attention_mask.ndim != 2 or attention_mask.shape[1] != key.shape[2]:
         raise ValueError(
-            f"{UNPAD_VARLEN_ATTENTION} takes a [B, S] padding mask, got {tuple(attention_mask.shape)}"
+            f"{UNPAD_VARLEN_ATTENTION} takes a [B, S] padding mask over the {key.shape[2]} keys, got "
+            f"{tuple(attention_mask.shape)}"
         )
+    if query.shape[2] < key.shape[2]:
+        return _cached_decoding_attention(query, key, value, attention_mask.bool(), scaling)
     batch, heads, seq, dim = query.shape
     real = attention_mask.reshape(-1).bool()
     lengths = attention_mask.sum(1, dtype=torch.int32)
@@ -267,6 +273,23 @@ def unpadded_varlen_attention(
     padded = out.new_zeros(batch * seq, heads, out.shape[-1])
     padded[real] = out
     return padded.view(batch, seq, heads, out.shape[-1]), None
+
+
+def _cached_decoding_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, real: torch.Tensor, scaling: float | None
+) -> tuple[torch.Tensor, None]:
+    """Queries [B, H, q, D] at the last q of L key positions [B, H_kv, L, D]: query i sees the real keys up to
+    position L - q + i."""
+    queries, keys = query.shape[2], key.shape[2]
+    causal = (
+        torch.arange(keys, device=query.device)
+        <= torch.arange(keys - queries, keys, device=query.device)[:, None]
+    )
+    allowed = real[:, None, None, :] & causal
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _padding_mask(

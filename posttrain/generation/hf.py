@@ -21,8 +21,8 @@ batch then keeps its finished rows (a replay costs the same either way, and a ne
 rows it would drop). `decode="static"` runs the same fixed-shape inputs without capture on CPU, which is how the
 tests check them against the growing-mask loop.
 
-On CPU the forwards run with `GROUPED_KV_SDPA`: transformers' SDPA contract with grouped K/V heads handed to the
-kernel as they are (`enable_gqa`) under a padding mask too, the same attention without the copies. The attention
+The forwards run with `GROUPED_KV_SDPA`: transformers' SDPA contract, with grouped K/V heads under a padding mask
+not copied once per query head (see its docstring), the same attention without the copies. The attention
 implementation is switched for the duration of a call and restored afterwards, because the module is usually the
 trainer's own; posttrain's packed-row attention (`posttrain_varlen`), which takes no padding mask, is replaced by
 SDPA while decoding for the same reason.
@@ -72,19 +72,33 @@ def grouped_kv_sdpa(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' "sdpa" attention, except that grouped K/V heads (q [B, H, S, D], k/v [B, H_kv, L, D])
-    meet a padding mask as they are, through `enable_gqa`, instead of being copied H/H_kv times first (which
-    transformers does for the sake of CUDA kernels; on CPU the copy of the cache costs more than the attention).
+    """transformers' "sdpa" attention, except that grouped K/V heads (q [B, H, S, D], k/v [B, H_kv, L, D]) under
+    a padding mask are not copied H/H_kv times first (transformers copies them for the sake of CUDA kernels):
+
+    - decoding (S = 1): the G = H/H_kv query heads that share a K/V head become G queries of that head, one SDPA
+      call over [B, H_kv, G, D] that reads the cache once (copying it G times cost SmolLM2's decoding on an H200
+      half its GPU time);
+    - a prefill on CPU: the grouped heads as they are, through `enable_gqa` (on CPU the copy costs more than the
+      attention); on CUDA, transformers' own function.
+
     Every other case is transformers' own function."""
     extras = kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
-    if attention_mask is None or key.shape[1] == query.shape[1] or extras:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    grouped = attention_mask is not None and key.shape[1] != query.shape[1] and not extras
+    if grouped and query.shape[2] == 1:
+        batch, heads, _, dim = query.shape
+        folded = query.view(batch, key.shape[1], heads // key.shape[1], dim)
+        out = F.scaled_dot_product_attention(
+            folded, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
         )
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+        return out.reshape(batch, heads, 1, out.shape[-1]).transpose(1, 2).contiguous(), None
+    if grouped and not query.is_cuda:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
-    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(GROUPED_KV_SDPA, grouped_kv_sdpa)
@@ -267,7 +281,7 @@ class HFBackend:
         lengths = torch.full((len(rows),), params.max_tokens, device=device)
         running = torch.arange(len(rows), device=device)  # the row of `rows` each batch row decodes
 
-        with self._decoding_attention(device):
+        with self._decoding_attention():
             logits, prompt_cache, mask = self._prefill([list(ids) for ids in distinct], device)
             capacity = mask.shape[1] + params.max_tokens
             cache = self._static_cache(prompt_cache, copies, mask.shape[1], capacity)
@@ -388,11 +402,11 @@ class HFBackend:
             return None
 
     @contextlib.contextmanager
-    def _decoding_attention(self, device: torch.device) -> Iterator[None]:
-        """Decode with `GROUPED_KV_SDPA` on CPU (SDPA on CUDA) instead of "sdpa" or packed-row attention."""
+    def _decoding_attention(self) -> Iterator[None]:
+        """Decode with `GROUPED_KV_SDPA` instead of "sdpa" or packed-row attention."""
         config = getattr(self.model, "config", None)
         current = getattr(config, "_attn_implementation", None)
-        wanted = GROUPED_KV_SDPA if device.type == "cpu" else "sdpa"
+        wanted = GROUPED_KV_SDPA
         if current not in ("sdpa", VARLEN_ATTENTION) or current == wanted:
             yield
             return

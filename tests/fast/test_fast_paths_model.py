@@ -220,3 +220,35 @@ def test_unpadded_varlen_attention_gives_sdpa_logits_on_padded_rows(tiny_qwen2_c
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full, want_full, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_varlen_attention_decodes_like_sdpa(tiny_qwen2_config_path):
+    """TRL's generation through the same module (left-padded prompts, a KV cache): transformers' `generate` gives
+    sdpa's tokens and logits when the model attends with the unpadding attention."""
+    from posttrain.fast.attention import UNPAD_VARLEN_ATTENTION
+
+    register_varlen_attention()
+    config = AutoConfig.for_model(**json.loads(open(tiny_qwen2_config_path).read()))
+    torch.manual_seed(5)
+    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    unpad = AutoModelForCausalLM.from_config(
+        config, attn_implementation=UNPAD_VARLEN_ATTENTION, dtype=torch.float32
+    ).eval()
+    unpad.load_state_dict(sdpa.state_dict())
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    input_ids = torch.randint(3, config.vocab_size, mask.shape, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    kwargs.update(pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        want = sdpa.generate(input_ids, **kwargs)
+        got = unpad.generate(input_ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)

@@ -220,10 +220,16 @@ def test_grouped_kv_sdpa_equals_transformers_sdpa():
     mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     mask[0, ..., :3] = False  # a left-padded row
     module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True)
-    for attention_mask in (mask, None):
-        ours, _ = grouped_kv_sdpa(module, query, key, value, attention_mask, scaling=0.25)
-        reference, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.25)
-        assert torch.equal(ours, reference)
+    prefill = [torch.randn(3, h, 7, 16, generator=generator) for h in (4, 2, 2)]
+    causal = mask & torch.ones(7, 7, dtype=torch.bool).tril()
+    for (q, k, v), attention_mask in [
+        ((query, key, value), mask),  # decoding: each K/V head's query heads folded into one SDPA call
+        ((query, key, value), None),
+        (prefill, causal),
+    ]:
+        ours, _ = grouped_kv_sdpa(module, q, k, v, attention_mask, scaling=0.25)
+        reference, _ = sdpa_attention_forward(module, q, k, v, attention_mask, scaling=0.25)
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_attention_implementation_is_switched_for_decoding_only(model, tokenizer, prompts):
