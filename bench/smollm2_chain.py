@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct's whole post-training chain, phase by phase, with greedy held-out accuracy after each
-stage: cold-start SFT -> GRPO -> R1 traces of the GRPO'd model -> a half-depth student distilled on them, beside
+stage: cold-start SFT -> GRPO -> R1 traces of the GRPO'd model -> a shallower student distilled on them, beside
 the same student trained by cold start + GRPO alone (DeepSeek-R1 §4 in miniature); and beside posttrain's cold
 start and GRPO, TRL's SFTTrainer and GRPOTrainer on the same model, data, rewards, steps and sampling settings.
 
@@ -146,7 +146,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trace-prompts", type=int, default=1536, help="run.max_prompts of the traces")
     p.add_argument("--trace-batch", type=int, default=256, help="run.batch_prompts of the traces")
     p.add_argument("--distill-steps", type=int, default=60)
-    p.add_argument("--student-layers", type=int, default=15)
+    p.add_argument(
+        "--student-layers",
+        type=int,
+        default=20,
+        help="decoder layers of the student (SmolLM2 has 30; bench/student_cut.py measures what a cut keeps)",
+    )
+    p.add_argument(
+        "--student-calibration",
+        nargs="*",
+        default=["data/arith_hard/sft.jsonl"],
+        help="the student keeps the layers that change the hidden state most on these conversations "
+        "(posttrain convert --calibration); none: evenly spaced layers",
+    )
     p.add_argument(
         "--traces-from", help="an existing traces run for the distill phases (instead of `traces`)"
     )
@@ -368,8 +380,10 @@ def run_distill(chain: Chain, model: Path, traces: Path, out: Path) -> float:
 
 def cut(chain: Chain, source: Path, name: str) -> tuple[Path, float]:
     out = chain.fresh(name)
+    a = chain.args
+    calibration = ["--calibration", *a.student_calibration] if a.student_calibration else []
     seconds = chain.posttrain(
-        "convert", str(source), str(out), "--keep-layers", str(chain.args.student_layers)
+        "convert", str(source), str(out), "--keep-layers", str(a.student_layers), *calibration
     )
     return out, seconds
 
@@ -611,12 +625,12 @@ STAGES = [  # (evals key, what it is, phase whose time it belongs to)
     ("trl_sft", "the same cold start by TRL's SFTTrainer", "trl_sft"),
     ("grpo", "cold start + GRPO (math + format rewards)", "grpo"),
     ("trl_grpo", "posttrain's cold start + the same GRPO by TRL's GRPOTrainer", "trl_grpo"),
-    ("student_init", "half-depth student cut from the GRPO'd teacher, untrained", "distill"),
+    ("student_init", "shallower student cut from the GRPO'd teacher, untrained", "distill"),
     ("distill", "that student, SFT on the teacher's verified traces", "distill"),
-    ("student_base", "half-depth student cut from the shipped model, untrained", "student_rl"),
+    ("student_base", "shallower student cut from the shipped model, untrained", "student_rl"),
     ("student_sft", "that student, the teacher's cold start", "student_rl"),
     ("student_grpo", "that student, cold start + GRPO (the teacher's steps)", "student_rl"),
-    ("distill_base", "half-depth student cut from the shipped model, SFT on the traces", "distill_base"),
+    ("distill_base", "shallower student cut from the shipped model, SFT on the traces", "distill_base"),
 ]
 
 

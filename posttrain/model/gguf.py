@@ -53,23 +53,6 @@ def check_gguf(path: str | os.PathLike) -> Path:
     return path
 
 
-def keep_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
-    """Keep `count` of the decoder layers, evenly spaced from the first to the last, with their weights: a
-    shallower student initialised from its teacher (as DistilBERT does with every other layer). Embedding,
-    final norm and head are kept as they are. Save the result and load it again before generating: the kept
-    attention layers still carry their old layer indices (used by the KV cache)."""
-    layers = model.model.layers
-    total = len(layers)
-    if not 1 <= count <= total:
-        raise GGUFError(f"keep_layers: {count} is not between 1 and the model's {total} layers")
-    kept = [round(i * (total - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
-    model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
-    model.config.num_hidden_layers = count
-    if isinstance(getattr(model.config, "layer_types", None), list):
-        model.config.layer_types = [model.config.layer_types[i] for i in kept]
-    return model
-
-
 def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `gguf_file` as a Hugging Face checkpoint directory `out_dir` (float32 safetensors, config,
     tokenizer + chat template, generation config); returns `out_dir`."""
@@ -143,11 +126,21 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def convert_checkpoint(source: str, out_dir: str | os.PathLike, keep: int | None = None) -> Path:
+def convert_checkpoint(
+    source: str,
+    out_dir: str | os.PathLike,
+    keep: int | None = None,
+    calibration: list[list[int]] | None = None,
+) -> Path:
     """`posttrain convert`: a GGUF file (or `pkg:` name) or a checkpoint directory written as a checkpoint
-    directory, optionally keeping only `keep` of its decoder layers (see `keep_layers`)."""
+    directory, optionally keeping only `keep` of its decoder layers: evenly spaced, or with `calibration` (token
+    ids in the source's tokenizer) the layers that change the hidden state most on them (posttrain.model.student)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from posttrain.model.student import choose_layers, keep_layers, layer_changes
+
+    if calibration and keep is None:
+        raise GGUFError("calibration text chooses which layers --keep-layers keeps: give --keep-layers too")
     if source.startswith(PACKAGE_PREFIX):
         source = str(package_file(source))
     if source.endswith(".gguf") and keep is None:
@@ -155,7 +148,8 @@ def convert_checkpoint(source: str, out_dir: str | os.PathLike, keep: int | None
     checkpoint = resolve_model_path(source)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     if keep is not None:
-        keep_layers(model, keep)
+        changes = layer_changes(model.eval(), calibration) if calibration else None
+        keep_layers(model, choose_layers(len(model.model.layers), keep, changes))
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out_dir)
     return Path(out_dir)

@@ -153,8 +153,8 @@ def test_convert_command_keeps_evenly_spaced_teacher_layers(tmp_path, smollm2_di
         AutoTokenizer.from_pretrained(out).chat_template
         == AutoTokenizer.from_pretrained(smollm2_dir).chat_template
     )
-    with pytest.raises(ValueError, match="31 is not between 1 and the model's 30 layers"):
-        gguf.keep_layers(teacher, 31)
+    assert cli.main(["convert", str(smollm2_dir), str(tmp_path / "x"), "--keep-layers", "31"]) != 0
+    assert "keep 31 layers: not between 1 and the model's 30 layers" in capsys.readouterr().err
 
 
 def test_smollm2_recipes_are_valid(repo_root):
