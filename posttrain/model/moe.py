@@ -194,24 +194,23 @@ def sequence_balance_loss(
         L_Bal = alpha * sum_i f_i P_i,   f_i = N_r / (K_r T) * sum_t 1[i in TopK(t)],
         P_i = 1/T * sum_t s'_i,t,        s'_i,t = s_i,t / sum_j s_j,t
 
-    scores [B*L, E] sigmoid affinities, indices [B*L, K_r] selected experts, sample_ids [B, L] (per row) make
-    each packed sample its own sequence. Selection carries no gradient; P does.
+    scores [B*L, E] sigmoid affinities, indices [B*L, K_r] selected experts, sample_ids [B, L] (0-based per row
+    and < L, as `posttrain.model.layers.sample_ids` gives them) make each packed sample its own sequence.
+    Selection carries no gradient; P does. Sequence (row b, sample s) is slot b·L + s of B·L slots, so every
+    size is known on the host: no device-to-host sync (counting the sequences would cost one per MoE layer).
     """
     tokens, experts = scores.shape
-    row = torch.arange(sample_ids.shape[0], device=sample_ids.device)[:, None]
-    segment = (row * (sample_ids.max() + 1) + sample_ids).flatten()
-    segment = torch.unique(segment, return_inverse=True)[1]
-    n_seq = int(segment.max()) + 1
-    seq_len = torch.bincount(segment, minlength=n_seq).to(scores.dtype)[:, None]
+    rows, length = sample_ids.shape
+    segment = (torch.arange(rows, device=sample_ids.device)[:, None] * length + sample_ids).flatten()
+    seq_len = torch.zeros(tokens, dtype=scores.dtype, device=scores.device).index_add_(
+        0, segment, torch.ones_like(segment, dtype=scores.dtype)
+    )[:, None]
+    present = seq_len > 0  # slots that hold a sequence
     selected = torch.zeros_like(scores).scatter_(1, indices, 1.0)
-    f = torch.zeros(n_seq, experts, dtype=scores.dtype, device=scores.device).index_add_(0, segment, selected)
-    f = f * experts / (top_k * seq_len)
+    f = torch.zeros_like(scores).index_add_(0, segment, selected) * experts / (top_k * seq_len.clamp(min=1))
     normalised = scores / scores.sum(dim=-1, keepdim=True)
-    p = torch.zeros(n_seq, experts, dtype=scores.dtype, device=scores.device).index_add_(
-        0, segment, normalised
-    )
-    p = p / seq_len
-    return alpha * (f * p).sum(-1).mean()
+    p = torch.zeros_like(scores).index_add_(0, segment, normalised) / seq_len.clamp(min=1)
+    return alpha * (f * p).sum(-1).sum() / present.sum()
 
 
 @torch.no_grad()

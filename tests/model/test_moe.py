@@ -110,17 +110,18 @@ def test_moe_layer_equals_dense_per_token_computation():
 
 
 def test_sequence_balance_loss_matches_equations_17_to_20():
-    scores = torch.rand(10, 8, dtype=torch.float64)
+    scores = torch.rand(20, 8, dtype=torch.float64)
     indices = scores.topk(2, dim=-1).indices
-    sample_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    # Two packed rows of 10 tokens: 2 and 3 samples, the same sample id in both rows names different sequences.
+    sample_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]])
     loss = sequence_balance_loss(scores, indices, sample_ids, top_k=2, alpha=0.1)
     per_sequence = []
-    for rows in (range(0, 4), range(4, 10)):
+    for rows in (range(0, 4), range(4, 10), range(10, 13), range(13, 15), range(15, 20)):
         n = len(rows)
         f = [8 / (2 * n) * sum(int(e in indices[t].tolist()) for t in rows) for e in range(8)]
         p = [sum(float(scores[t, e] / scores[t].sum()) for t in rows) / n for e in range(8)]
         per_sequence.append(0.1 * sum(fi * pi for fi, pi in zip(f, p, strict=True)))
-    assert loss.item() == pytest.approx(sum(per_sequence) / 2, rel=1e-9)
+    assert loss.item() == pytest.approx(sum(per_sequence) / 5, rel=1e-9)
 
 
 def _skewed_router(seed):
