@@ -5,7 +5,8 @@ Prompts are the first --prompts rows of a prompt file in the model's chat templa
 --repeats times (the first call warms up and is not timed): sampled, --n completions per prompt at T = 1 up to
 --max-tokens, reporting the median seconds per call and generated tokens per second; then greedy, where static
 decoding must give the growing-mask loop's tokens (agreement, and the largest log-prob difference). The model
-runs as `posttrain grpo` samples with it: fp32 weights, SDPA attention. Results: <out>/hf_decode.json.
+runs as `posttrain grpo` samples with it: fp32 weights, SDPA attention. Results: <out>/hf_decode.json. Without a
+GPU it runs on CPU, static decoding uncaptured (the suite's smoke test).
 
     python bench/hf_decode_gpu.py --model runs/smollm2/sft/model --out results
 """
@@ -29,11 +30,16 @@ from posttrain.data.prompts import load_prompts  # noqa: E402
 from posttrain.generation import SamplingParams, build_backend  # noqa: E402
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(call) -> tuple[float, object]:
-    torch.cuda.synchronize()
+    synchronize()
     started = time.perf_counter()
     result = call()
-    torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - started, result
 
 
@@ -63,7 +69,7 @@ def transformers_generate(model, tokenizer, prompts: list[list[int]], params: Sa
     return first.tolist()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory")
     p.add_argument("--data", default="data/arith_hard/rl.jsonl")
@@ -76,7 +82,7 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="also the top CUDA kernels of one static sampled call"
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -84,13 +90,13 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-    model = model.cuda().eval()
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     rows = load_prompts([args.data], tokenizer)
     prompts = rows.prompt_ids[: max(args.prompts, args.greedy_prompts)]
     sampled = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=1.0, seed=0)
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     results: dict = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "settings": vars(args),
     }
@@ -139,6 +145,7 @@ def main() -> None:
     if args.profile:
         results["static_profile"] = profile(backends["static"], prompts[: args.prompts], sampled)
     (out / "hf_decode.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def profile(backend, prompts: list[list[int]], params: SamplingParams, top: int = 15) -> dict:

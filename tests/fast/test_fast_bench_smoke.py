@@ -130,3 +130,23 @@ def test_smollm2_chain_runs_trl_beside_posttrain(repo_root, tmp_path, tokenizer_
     table = (out / "chain.md").read_text()
     assert "| the same cold start by TRL's SFTTrainer | **" in table
     assert "| posttrain's cold start + the same GRPO by TRL's GRPOTrainer | **" in table
+
+
+def test_hf_decode_bench_compares_the_decoding_ways(repo_root, tmp_path):
+    """bench/hf_decode_gpu.py on a tiny Qwen2 on CPU: every way decodes the same number of rows, and static
+    decoding gives the growing-mask loop's greedy tokens."""
+    from posttrain.generation.testing import build_tiny_qwen2
+
+    model = build_tiny_qwen2(tmp_path / "model")
+    results = _bench("hf_decode_gpu", repo_root).main(
+        ["--model", str(model), "--prompts", "2", "--n", "2", "--max-tokens", "6", "--greedy-prompts", "3"]
+        + ["--repeats", "1", "--out", str(tmp_path / "out")]
+    )
+    for way in ("dynamic", "static", "transformers_generate"):
+        assert 0 < results[way]["tokens"] <= 2 * 2 * 6 and results[way]["s_per_call"] > 0
+    assert results["greedy_agreement"] == {
+        "same_tokens": 3,
+        "of": 3,
+        "max_logprob_diff": pytest.approx(0, abs=1e-5),
+    }
+    assert (tmp_path / "out" / "hf_decode.json").is_file()
