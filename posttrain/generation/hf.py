@@ -173,11 +173,13 @@ class StaticDecodeStep:
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        for layer, length in zip(self.cache.layers, lengths, strict=True):
-            layer.cumulative_length.copy_(length)
+        try:
+            with torch.cuda.stream(side):
+                self._forward()
+        finally:  # also when the warm-up fails part-way: the cache must be as the dynamic loop expects it
+            torch.cuda.current_stream().wait_stream(side)
+            for layer, length in zip(self.cache.layers, lengths, strict=True):
+                layer.cumulative_length.copy_(length)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
@@ -386,8 +388,15 @@ class HFBackend:
     def _static_step(
         self, cache: StaticCache, mask: torch.Tensor, positions: torch.Tensor, capacity: int
     ) -> StaticDecodeStep | None:
-        """The batch's `StaticDecodeStep`, captured on CUDA. With decode="auto", a model whose forward cannot be
+        """The batch's `StaticDecodeStep`, captured on CUDA. With decode="auto", a model with sliding-window
+        layers (their cache is shorter than the mask) decodes dynamically, and a model whose forward cannot be
         captured (a host sync inside it, say) is decoded dynamically from then on, with a warning."""
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            if self.decode == "static":
+                raise ValueError(
+                    "HFBackend: decode='static' does not support sliding-window attention layers"
+                )
+            return None
         try:
             return StaticDecodeStep(self.model, cache, mask, positions, capacity, capture=mask.is_cuda)
         except RuntimeError as error:

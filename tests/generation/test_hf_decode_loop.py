@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from posttrain.fast.attention import register_varlen_attention
@@ -302,3 +302,13 @@ def test_static_decoding_needs_sdpa_attention(model, tokenizer, prompts):
     assert build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, GREEDY) == reference
     with pytest.raises(ValueError, match="decode must be 'auto', 'dynamic' or 'static', got 'graph'"):
         build_backend("hf", model=model, tokenizer=tokenizer, decode="graph")
+
+
+def test_static_decoding_refuses_sliding_window_layers(qwen2_dir, tokenizer, prompts):
+    """A sliding-window layer's static cache is shorter than the full-length mask static decoding feeds."""
+    config = AutoConfig.from_pretrained(qwen2_dir)
+    config.use_sliding_window, config.sliding_window = True, 4
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    model = AutoModelForCausalLM.from_pretrained(qwen2_dir, config=config, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match="decode='static' does not support sliding-window attention layers"):
+        build_backend("hf", model=model, tokenizer=tokenizer, decode="static").generate(prompts, GREEDY)
