@@ -285,11 +285,31 @@ def _cached_decoding_attention(
         torch.arange(keys, device=query.device)
         <= torch.arange(keys - queries, keys, device=query.device)[:, None]
     )
-    allowed = real[:, None, None, :] & causal
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    out = grouped_query_attention(query, key, value, real[:, None, None, :] & causal, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def grouped_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """SDPA of q [B, H, q, D] over grouped K/V heads k/v [B, H_kv, L, D] under a mask `allowed` [B, 1, q or 1, L]
+    (True = attend) -> [B, H, q, D_v], without copying K/V once per query head: the G = H/H_kv query heads that
+    share a K/V head (heads h = j·G + g, transformers' order) become G·q queries of that head, one SDPA call that
+    reads the cache once. For decoding, where the copy costs more than the attention."""
+    batch, heads, queries, dim = query.shape
+    groups = heads // key.shape[1]
+    folded = query.reshape(batch, key.shape[1], groups * queries, dim)
+    if allowed.shape[2] > 1:  # each query's mask row, repeated for each head of its group
+        allowed = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * queries, -1)
+    out = F.scaled_dot_product_attention(
+        folded, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale
+    )
+    return out.reshape(batch, heads, queries, out.shape[-1])
 
 
 def _padding_mask(

@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from posttrain.fast.attention import VARLEN_ATTENTION
+from posttrain.fast.attention import VARLEN_ATTENTION, grouped_query_attention
 from posttrain.generation.base import (
     Completion,
     SamplingParams,
@@ -75,9 +75,9 @@ def grouped_kv_sdpa(
     """transformers' "sdpa" attention, except that grouped K/V heads (q [B, H, S, D], k/v [B, H_kv, L, D]) under
     a padding mask are not copied H/H_kv times first (transformers copies them for the sake of CUDA kernels):
 
-    - decoding (S = 1): the G = H/H_kv query heads that share a K/V head become G queries of that head, one SDPA
-      call over [B, H_kv, G, D] that reads the cache once (copying it G times cost SmolLM2's decoding on an H200
-      half its GPU time);
+    - decoding (S = 1): `grouped_query_attention`, the G = H/H_kv query heads that share a K/V head as G queries
+      of that head, reading the cache once (copying it G times cost SmolLM2's decoding on an H200 half its GPU
+      time);
     - a prefill on CPU: the grouped heads as they are, through `enable_gqa` (on CPU the copy costs more than the
       attention); on CUDA, transformers' own function.
 
@@ -85,12 +85,8 @@ def grouped_kv_sdpa(
     extras = kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
     grouped = attention_mask is not None and key.shape[1] != query.shape[1] and not extras
     if grouped and query.shape[2] == 1:
-        batch, heads, _, dim = query.shape
-        folded = query.view(batch, key.shape[1], heads // key.shape[1], dim)
-        out = F.scaled_dot_product_attention(
-            folded, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-        )
-        return out.reshape(batch, heads, 1, out.shape[-1]).transpose(1, 2).contiguous(), None
+        out = grouped_query_attention(query, key, value, attention_mask, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
     if grouped and not query.is_cuda:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True

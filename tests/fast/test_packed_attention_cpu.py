@@ -5,6 +5,7 @@ grouped K/V heads."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import posttrain.fast.attention as attention
 
@@ -76,3 +77,20 @@ def test_padding_bound_picks_the_path(monkeypatch, lengths, expected):
     attention.packed_attention(q, k, v, cu_seqlens, max(lengths), 0.5)
     # EVEN: 6 rows of 14 slots for 60 tokens (1.4 per token); UNEVEN: 6 rows of 40 for 50 (4.8 per token)
     assert chosen == [expected]
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_grouped_query_attention_equals_sdpa_over_copied_kv_heads(queries):
+    """Decoding over grouped K/V heads without copying them: the result of SDPA after transformers' repeat_kv."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, queries, 16, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(2, 2, 9, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    allowed = torch.ones(2, 1, queries, 9, dtype=torch.bool).tril(diagonal=9 - queries)
+    allowed[0, ..., :4] = False  # a left-padded row
+    got = attention.grouped_query_attention(query, key, value, allowed, scale=0.3)
+    want = F.scaled_dot_product_attention(
+        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=allowed, scale=0.3
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
