@@ -99,6 +99,11 @@ def parse_args() -> argparse.Namespace:
         help="trl_grpo's rollouts: transformers' generate, or its continuous batching (bf16 on CUDA)",
     )
     p.add_argument(
+        "--trl-compile",
+        action="store_true",
+        help="TRL's runs with torch_compile=True (its compiled step; posttrain's hf-backend GRPO has none)",
+    )
+    p.add_argument(
         "--trl-reserve-s",
         type=float,
         default=120,
@@ -436,7 +441,8 @@ def run_trl(chain: Chain, kind: str, recipe: list[str], out: Path) -> dict:
     rows = ["--max-samples", str(TRL_TINY_ROWS[kind])] if chain.args.tiny else []
     left = chain.left() - chain.args.trl_reserve_s
     budget = [] if math.isinf(left) else ["--stop-after-s", str(max(0.0, left))]
-    seconds = chain.trl(kind, *recipe, *rows, *budget)
+    compiled = ["--torch-compile"] if chain.args.trl_compile else []
+    seconds = chain.trl(kind, *recipe, *rows, *budget, *compiled)
     chain.score(out.name, out / "model")
     return {"train_s": seconds, **trl_summary(out)}
 

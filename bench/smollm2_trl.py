@@ -26,6 +26,7 @@ sft (SFTTrainer), from sft_cold_start.yaml:
   train.betas, weight_decay       adam_beta1/adam_beta2 (posttrain's 0.95, not TRL's 0.999), weight_decay
   train.max_grad_norm             max_grad_norm
   mixed precision "auto"          bf16=True on CUDA (fp32 weights, bf16 autocast), fp32 on CPU
+  (no recipe key)                 torch_compile with --torch-compile (the chain's --trl-compile), else off
   attention                       posttrain's varlen kernel (`posttrain_varlen`, the kernel flash-attention's
                                   varlen path runs), which TRL's padding-free rows reach through position_ids
   train.loss_chunk_size           no equivalent (TRL materialises the logits; use_liger_kernel would not)
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="grpo: transformers' continuous batching instead of generate",
     )
     p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="TrainingArguments.torch_compile: TRL's compiled step, as its users switch it on",
+    )
+    p.add_argument(
         "--stop-after-s",
         type=float,
         default=None,
@@ -89,9 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def common_args(train, output_dir: Path) -> dict:  # noqa: ANN001 (posttrain.config.TrainSection)
+def common_args(train, output_dir: Path, torch_compile: bool = False) -> dict:  # noqa: ANN001 (TrainSection)
     """TRL (transformers TrainingArguments) settings for a posttrain `train` section: warm-up, then cosine decay
-    to min_lr, or a constant lr when min_lr = lr, as posttrain schedules it."""
+    to min_lr, or a constant lr when min_lr = lr, as posttrain schedules it; `torch_compile` as asked."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -120,6 +126,7 @@ def common_args(train, output_dir: Path) -> dict:  # noqa: ANN001 (posttrain.con
         "report_to": "none",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        "torch_compile": torch_compile,
     }
 
 
@@ -149,7 +156,7 @@ def build_sft(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN0
         recipe.model.path, attn_implementation=register_varlen_attention(), dtype="float32"
     )
     config = SFTConfig(
-        **common_args(train, output_dir),
+        **common_args(train, output_dir, args.torch_compile),
         per_device_train_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.grad_accum,
         packing=True,
@@ -186,7 +193,7 @@ def build_grpo(recipe, output_dir: Path, args: argparse.Namespace):  # noqa: ANN
         recipe.model.path, attn_implementation=UNPAD_VARLEN_ATTENTION, dtype="float32"
     )
     config = GRPOConfig(
-        **common_args(recipe.train, output_dir),
+        **common_args(recipe.train, output_dir, args.torch_compile),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=completions // micro,
         num_generations=grpo.num_generations,

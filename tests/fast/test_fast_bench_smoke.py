@@ -150,3 +150,14 @@ def test_hf_decode_bench_compares_the_decoding_ways(repo_root, tmp_path):
         "max_logprob_diff": pytest.approx(0, abs=1e-5),
     }
     assert (tmp_path / "out" / "hf_decode.json").is_file()
+
+
+def test_trl_runs_compile_only_when_asked(repo_root, tmp_path):
+    from posttrain.config import TrainSection
+
+    trl = _bench("smollm2_trl", repo_root)
+    train = TrainSection(max_steps=3, lr=1e-5, min_lr=1e-5)
+    assert trl.common_args(train, tmp_path)["torch_compile"] is False
+    assert trl.common_args(
+        train, tmp_path, trl.parse_args(["grpo", "r.yaml", "--torch-compile"]).torch_compile
+    )["torch_compile"]
