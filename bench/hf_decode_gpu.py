@@ -5,8 +5,9 @@ Prompts are the first --prompts rows of a prompt file in the model's chat templa
 --repeats times (the first call warms up and is not timed): sampled, --n completions per prompt at T = 1 up to
 --max-tokens, reporting the median seconds per call and generated tokens per second; then greedy, where static
 decoding must give the growing-mask loop's tokens (agreement, and the largest log-prob difference). The model
-runs as `posttrain grpo` samples with it: fp32 weights, SDPA attention. Results: <out>/hf_decode.json. Without a
-GPU it runs on CPU, static decoding uncaptured (the suite's smoke test).
+has fp32 weights (a trainer's master copy) and SDPA attention; each of posttrain's static decoding and
+transformers' `generate` runs in fp32 and under bf16 autocast, the way both GRPO trainers sample on a GPU.
+Results: <out>/hf_decode.json. Without a GPU it runs on CPU, static decoding uncaptured (the suite's smoke test).
 
     python bench/hf_decode_gpu.py --model runs/smollm2/sft/model --out results
 """
@@ -41,6 +42,16 @@ def timed(call) -> tuple[float, object]:
     result = call()
     synchronize()
     return time.perf_counter() - started, result
+
+
+def count_tokens(groups) -> int:
+    return sum(len(c.token_ids) for group in groups for c in group)
+
+
+def autocast_generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> int:
+    """`transformers_generate` under bf16 autocast, as an accelerate-prepared model's forward runs in TRL."""
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+        return sum(transformers_generate(model, tokenizer, prompts, params))
 
 
 def transformers_generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[int]:
@@ -101,35 +112,33 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": vars(args),
     }
 
+    # The way each toolkit samples inside its GRPO trainer: posttrain's grpo passes the trainer's bf16 autocast to
+    # the backend (`autocast`); TRL's GRPOTrainer calls `generate` on the accelerate-prepared model, whose forward
+    # accelerate wraps in the same autocast. The fp32 ways are the previous default and the float reference.
     backends = {
-        d: build_backend("hf", model=model, tokenizer=tokenizer, decode=d) for d in ("dynamic", "static")
+        "dynamic": build_backend("hf", model=model, tokenizer=tokenizer, decode="dynamic"),
+        "static": build_backend("hf", model=model, tokenizer=tokenizer, decode="static"),
+        "static_bf16_autocast": build_backend(
+            "hf", model=model, tokenizer=tokenizer, decode="static", autocast=torch.bfloat16
+        ),
     }
-    for name, backend in backends.items():
+    ways = {name: lambda b=backend: count_tokens(b.generate(prompts[: args.prompts], sampled))
+            for name, backend in backends.items()}  # fmt: skip
+    ways["transformers_generate"] = lambda: sum(
+        transformers_generate(model, tokenizer, prompts[: args.prompts], sampled)
+    )
+    ways["transformers_generate_bf16_autocast"] = lambda: autocast_generate(
+        model, tokenizer, prompts[: args.prompts], sampled
+    )
+    for name, way in ways.items():
         seconds, tokens = [], 0
         for repeat in range(args.repeats + 1):
-            elapsed, groups = timed(lambda b=backend: b.generate(prompts[: args.prompts], sampled))
+            elapsed, tokens = timed(way)
             if repeat:
                 seconds.append(elapsed)
-                tokens = sum(len(c.token_ids) for g in groups for c in g)
         median = statistics.median(seconds)
         results[name] = {"s_per_call": median, "tokens": tokens, "tokens_per_s": tokens / median}
         print(name, results[name], flush=True)
-
-    seconds, tokens = [], 0
-    for repeat in range(args.repeats + 1):
-        elapsed, lengths = timed(
-            lambda: transformers_generate(model, tokenizer, prompts[: args.prompts], sampled)
-        )
-        if repeat:
-            seconds.append(elapsed)
-            tokens = sum(lengths)
-    median = statistics.median(seconds)
-    results["transformers_generate"] = {
-        "s_per_call": median,
-        "tokens": tokens,
-        "tokens_per_s": tokens / median,
-    }
-    print("transformers_generate", results["transformers_generate"], flush=True)
 
     reference = backends["dynamic"].generate(prompts[: args.greedy_prompts], greedy)
     ours = backends["static"].generate(prompts[: args.greedy_prompts], greedy)
@@ -142,8 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
     results["greedy_agreement"] = {"same_tokens": same, "of": len(reference), "max_logprob_diff": gap}
     results["static_speedup"] = results["dynamic"]["s_per_call"] / results["static"]["s_per_call"]
     print(json.dumps({k: results[k] for k in ("greedy_agreement", "static_speedup")}), flush=True)
+    mixed = backends["static_bf16_autocast"].generate(prompts[: args.greedy_prompts], greedy)
+    results["bf16_autocast_greedy_agreement"] = {
+        "same_tokens": sum(a.token_ids == b.token_ids for (a,), (b,) in zip(mixed, reference, strict=True)),
+        "of": len(reference),
+    }
+    results["bf16_autocast_speedup"] = (
+        results["static"]["s_per_call"] / results["static_bf16_autocast"]["s_per_call"]
+    )
+    print(json.dumps({k: results[k] for k in ("bf16_autocast_greedy_agreement", "bf16_autocast_speedup")}))
     if args.profile:
-        results["static_profile"] = profile(backends["static"], prompts[: args.prompts], sampled)
+        for name in ("static", "static_bf16_autocast"):
+            results[f"{name}_profile"] = profile(backends[name], prompts[: args.prompts], sampled)
     (out / "hf_decode.json").write_text(json.dumps(results, indent=2))
     return results
 

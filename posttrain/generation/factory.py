@@ -51,10 +51,19 @@ def _refuse(kind: str, model_config: dict[str, Any], posttrain_model: bool) -> N
         raise RecipeError(problem, field="generation.backend")
 
 
-def make_backend(cfg: GenerationSection, model: torch.nn.Module, tokenizer: Any, out: Path) -> Backend:
+def make_backend(
+    cfg: GenerationSection,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: Path,
+    autocast: torch.dtype | None = None,
+) -> Backend:
     """The rollout engine over `model` (a bare causal LM). `hf` and `latent` generate with that module (no copy,
     nothing to sync); `vllm` starts from a snapshot of it written under `out` and receives new weights after every
-    step; `openai` talks to a server. `auto` is `latent` for posttrain's DeepSeek-V3, `hf` otherwise."""
+    step; `openai` talks to a server. `auto` is `latent` for posttrain's DeepSeek-V3, `hf` otherwise.
+
+    `autocast` is the trainer's mixed-precision dtype: `hf` decodes under it (unless `generation.options` sets
+    `autocast` itself, null for the weights' own precision)."""
     from posttrain.model import DeepseekV3ForCausalLM
 
     kind = cfg.backend
@@ -67,7 +76,8 @@ def make_backend(cfg: GenerationSection, model: torch.nn.Module, tokenizer: Any,
 
         return LatentCacheBackend(model, tokenizer, **cfg.options)
     if kind == "hf":
-        return build_backend("hf", model=model, tokenizer=tokenizer, **cfg.options)
+        options = {"autocast": autocast, **cfg.options}
+        return build_backend("hf", model=model, tokenizer=tokenizer, **options)
     if kind == "vllm":
         snapshot = out / "rollout_init"
         model.save_pretrained(snapshot)

@@ -45,6 +45,7 @@ from posttrain.trainers.loop import (
     Checkpointer,
     Progress,
     apply_memory_and_speed_switches,
+    autocast_dtype,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -172,13 +173,14 @@ def train_grpo(recipe: GRPORecipe, resume: bool = False) -> Path:
         start_step = state["step"]
         if reference is not None and state.get("reference_refreshed_at"):
             reference.load_state_dict(unwrapped.state_dict())
-    backend = make_backend(recipe.generation, unwrapped.model, tokenizer, out)
+    precision = autocast_dtype(accelerator)  # rollouts sampled in the precision they are scored in
+    backend = make_backend(recipe.generation, unwrapped.model, tokenizer, out, precision)
     eval_backend = backend
     if (perturbation := recipe.generation.sampler_perturbation) is not None:
         backend = PerturbedSampler(
             eval_backend,
             unwrapped.model,
-            lambda noisy: make_backend(recipe.generation, noisy, tokenizer, out / "perturbed"),
+            lambda noisy: make_backend(recipe.generation, noisy, tokenizer, out / "perturbed", precision),
             perturbation.temperature_factor,
             perturbation.weight_noise,
             perturbation.logit_bias_std,

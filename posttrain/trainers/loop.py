@@ -48,6 +48,11 @@ def make_accelerator(train: TrainSection) -> Accelerator:
     return accelerator
 
 
+def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The dtype `accelerator.autocast()` computes in, None without mixed precision."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
 def compile_blocks_enabled(
     train: TrainSection, device: torch.device, decodes_with_policy: bool = False, moe_model: bool = False
 ) -> bool:

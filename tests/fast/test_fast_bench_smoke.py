@@ -142,13 +142,17 @@ def test_hf_decode_bench_compares_the_decoding_ways(repo_root, tmp_path):
         ["--model", str(model), "--prompts", "2", "--n", "2", "--max-tokens", "6", "--greedy-prompts", "3"]
         + ["--repeats", "1", "--out", str(tmp_path / "out")]
     )
-    for way in ("dynamic", "static", "transformers_generate"):
+    for way in ("dynamic", "static", "static_bf16_autocast") + (
+        "transformers_generate",
+        "transformers_generate_bf16_autocast",
+    ):
         assert 0 < results[way]["tokens"] <= 2 * 2 * 6 and results[way]["s_per_call"] > 0
     assert results["greedy_agreement"] == {
         "same_tokens": 3,
         "of": 3,
         "max_logprob_diff": pytest.approx(0, abs=1e-5),
     }
+    assert 0 <= results["bf16_autocast_greedy_agreement"]["same_tokens"] <= 3
     assert (tmp_path / "out" / "hf_decode.json").is_file()
 
 

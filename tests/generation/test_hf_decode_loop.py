@@ -13,8 +13,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from posttrain.config import GenerationSection
 from posttrain.fast.attention import register_varlen_attention
-from posttrain.generation import SamplingParams, build_backend
+from posttrain.generation import SamplingParams, build_backend, hf
+from posttrain.generation.factory import make_backend
 from posttrain.generation.hf import GROUPED_KV_SDPA, grouped_kv_sdpa
 from posttrain.generation.testing import build_tiny_deepseek_v3, forward_logprobs
 
@@ -312,3 +314,51 @@ def test_static_decoding_refuses_sliding_window_layers(qwen2_dir, tokenizer, pro
     model = AutoModelForCausalLM.from_pretrained(qwen2_dir, config=config, dtype=torch.float32).eval()
     with pytest.raises(ValueError, match="decode='static' does not support sliding-window attention layers"):
         build_backend("hf", model=model, tokenizer=tokenizer, decode="static").generate(prompts, GREEDY)
+
+
+def test_autocast_decoding_samples_as_the_trainer_scores(engine, monkeypatch):
+    """A trainer under bf16 autocast scores rollouts with bf16 GEMMs; a sampler under the same autocast (keys and
+    values cached in bf16) gives log-probs closer to that score than the fp32 sampler does."""
+    model, tokenizer, prompts = engine
+    params = SamplingParams(n=3, max_tokens=16, temperature=0.8, seed=5)
+    cached = []
+    original = hf.CastingStaticCache.update
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = original(self, key_states, value_states, layer_idx, *args, **kwargs)
+        cached.append((keys.dtype, values.dtype))
+        return keys, values
+
+    monkeypatch.setattr(hf.CastingStaticCache, "update", update)
+    sampled = {
+        decode: build_backend(
+            "hf", model=model, tokenizer=tokenizer, decode=decode, autocast="bfloat16"
+        ).generate(prompts, params)
+        for decode in ("static", "dynamic")
+    }
+    assert set(cached) == {(torch.bfloat16, torch.bfloat16)}
+    assert sampled["static"] == sampled["dynamic"]
+    in_fp32 = build_backend("hf", model=model, tokenizer=tokenizer).generate(prompts, params)
+    gaps = {"autocast": [], "fp32": []}
+    for prompt, ours, theirs in zip(prompts, sampled["static"], in_fp32, strict=True):
+        for kind, completion in [*(("autocast", c) for c in ours), *(("fp32", c) for c in theirs)]:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                scored = forward_logprobs(model, prompt, completion.token_ids, temperature=0.8)
+            gaps[kind] += (torch.tensor(completion.logprobs, dtype=torch.float64) - scored).abs().tolist()
+    autocast_gap, fp32_gap = (sum(g) / len(g) for g in (gaps["autocast"], gaps["fp32"]))
+    assert max(gaps["autocast"]) < 0.05
+    assert autocast_gap < 0.5 * fp32_gap, (autocast_gap, fp32_gap)
+    with pytest.raises(ValueError, match="autocast must be 'bfloat16', 'float16' or None, got 'fp8'"):
+        build_backend("hf", model=model, tokenizer=tokenizer, autocast="fp8")
+
+
+def test_a_trainers_mixed_precision_reaches_the_hf_backend_unless_the_recipe_says_otherwise(
+    model, tokenizer, tmp_path
+):
+    trained_in_bf16 = make_backend(
+        GenerationSection(backend="hf"), model, tokenizer, tmp_path, torch.bfloat16
+    )
+    assert trained_in_bf16.autocast is torch.bfloat16
+    recipe_says_fp32 = GenerationSection(backend="hf", options={"autocast": None})
+    assert make_backend(recipe_says_fp32, model, tokenizer, tmp_path, torch.bfloat16).autocast is None
+    assert make_backend(GenerationSection(backend="hf"), model, tokenizer, tmp_path).autocast is None
