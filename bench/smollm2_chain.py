@@ -141,6 +141,13 @@ def parse_args() -> argparse.Namespace:
         default=1e-5,
         help="train.lr = train.min_lr; the recipe's 2e-6 is for longer runs than --grpo-steps' 25",
     )
+    p.add_argument(
+        "--grpo-data",
+        nargs="+",
+        default=None,
+        help="data.train of both toolkits' GRPO runs (default: the recipe's, data/arith_hard/rl.jsonl and "
+        "rl_varied.jsonl, the same kinds of problem in a wording that no test set uses)",
+    )
     p.add_argument("--grpo-checkpoint-every", type=int, default=10, help="checkpoint.every of the GRPO runs")
     p.add_argument(
         "--grpo-eval-every",
@@ -343,6 +350,7 @@ def grpo_recipe(chain: Chain, model: Path, out: Path, steps: int) -> list[str]:
         f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}",
         f"grpo.prompts_per_step={a.grpo_prompts}", f"grpo.num_generations={a.grpo_generations}",
         f"grpo.micro_batch_size={a.grpo_micro_batch}", f"train.lr={a.grpo_lr}", f"train.min_lr={a.grpo_lr}",
+        *([f"data.train=[{', '.join(a.grpo_data)}]"] if a.grpo_data else []),
         *(tiny_overrides("grpo") if a.tiny else []),
     ]  # fmt: skip
 
@@ -620,7 +628,9 @@ def environment() -> dict:
         "training_precision": "fp32 master weights + bf16 autocast"
         if cuda and torch.cuda.is_bf16_supported()
         else "fp32",
-        "generation_precision": "fp32 weights (hf backend: the trainer's module, no autocast)",
+        "generation_precision": "hf backend on the trainer's module, under its bf16 autocast (KV cache in bf16)"
+        if cuda and torch.cuda.is_bf16_supported()
+        else "fp32",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 

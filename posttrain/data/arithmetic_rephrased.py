@@ -7,6 +7,11 @@ data/arith/test_rephrased.jsonl and `python -m posttrain.data.arithmetic_rephras
 data/arith_hard/test_rephrased.jsonl, deterministically (same row format as test.jsonl: `prompt` messages and
 `answer`). The hard set is sampled by the hard generator's own kinds at the bundled level, so its numbers,
 steps and answers are the generator's; only the question is written anew from each problem's `facts`.
+
+The hard tier has a second, disjoint wording for training (`TRAINING_WORDING`: other sentences, names, objects
+and distractors than both the generator's and the held-out set's): `--wording training --count 1000 --seed 1`
+writes data/arith_hard/rl_varied.jsonl, RL prompts that ask the generator's problems in new words. Whether RL on
+more than one wording carries to a wording never trained on is what the held-out set then measures.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.data.arithmetic_hard import DEFAULT_LEVEL, KINDS, LEVELS
@@ -126,6 +132,98 @@ HARD_DISTRACTORS = [
 ]
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How the hard kinds are asked: names, objects, a kind's question templates, the asks of the kinds that ask
+    one of two things, and distractor sentences (fields as in HARD_TEMPLATES)."""
+
+    names: list[str]
+    goods: list[tuple[str, str]]
+    items: list[str]
+    templates: dict[str, list[str]]
+    asks: dict[str, tuple[str, str]]
+    distractors: list[str]
+
+
+HELD_OUT_WORDING = Wording(HARD_NAMES, HARD_GOODS, HARD_ITEMS, HARD_TEMPLATES, HARD_ASKS, HARD_DISTRACTORS)
+TRAINING_WORDING = Wording(
+    names=[
+        "Anouk", "Bram", "Cosmin", "Delia", "Eero", "Freya", "Gael", "Hamid", "Isla", "Joaquin", "Kaia",
+        "Lars", "Maren", "Nico", "Paz", "Rafael",
+    ],
+    goods=[
+        ("helmet", "helmets"), ("jacket", "jackets"), ("pillow", "pillows"), ("kettle", "kettles"),
+        ("mirror", "mirrors"), ("shovel", "shovels"), ("ladder", "ladders"), ("hammer", "hammers"),
+    ],
+    items=["pebbles", "corks", "washers", "badges", "coasters", "feathers", "magnets", "hooks"],
+    templates={
+        "change": [
+            "{name} needs {q1} {many} and {q2} {many2} for a new flat. Each {one} is ${p1} and each {one2} is "
+            "${p2}. {name} pays with {paid} dollars. How many dollars should {name} get back?",
+            "In a hardware shop {q1} {many} cost ${p1} per piece and {q2} {many2} cost ${p2} per piece. {name} "
+            "buys them all and hands over ${paid}. What is the change in dollars?",
+        ],
+        "packing": [
+            "On Monday {name} had {start} {item}. A parcel brought {more} more, and {name} lent {given} to a "
+            "teammate. {name} then bundles all of them in groups of {size}. {ask}",
+            "A drawer contains {start} {item}. {name} adds {more} and takes out {given}. All the {item} in the "
+            "drawer are then put in bags of {size}. {ask}",
+        ],
+        "factory": [
+            "A machine in {name}'s workshop makes {rate} {item} per hour for {hours} hours and {rate2} per hour "
+            "for another {hours2} hours. {name} throws away {rejected} faulty ones and packs the others in sets "
+            "of {crate}. How many complete sets does {name} pack?",
+            "During the morning {name}'s team makes {rate} {item} each hour for {hours} hours; in the afternoon "
+            "it makes {rate2} each hour for {hours2} hours. After {rejected} are rejected, the rest are boxed "
+            "{crate} per box. How many boxes are filled completely?",
+        ],
+        "trip": [
+            "{name} is cycling a {trip} km trail. {name} rides {hours} hours at {speed} km per hour, rests, "
+            "and rides {hours2} more hours at {speed2} km per hour. How many km of the trail are still ahead?",
+            "A delivery van driven by {name} must cover {trip} kilometres. It goes {speed} km/h for {hours} "
+            "hours and then {speed2} km/h for {hours2} hours. How many kilometres does it still have to drive?",
+        ],
+        "savings": [
+            "{name} earns {wage} dollars a week from a paper round and has done it for {weeks} weeks, on top "
+            "of {had} dollars saved earlier. A video game cost {name} {spent} dollars. {name} now buys {many} "
+            "at {price} dollars each, as many as the money allows. {ask}",
+            "Over {weeks} weeks {name} gets ${wage} per week in pocket money, adding to ${had} from before. "
+            "After paying ${spent} for a concert ticket, {name} uses the rest to buy as many {many} as possible "
+            "at ${price} per {one}. {ask}",
+        ],
+        "stock": [
+            "The club room of {name}'s team held {start} {item} in the morning. {monday} were borrowed before "
+            "lunch and {tuesday} after lunch, and then {crates} parcels with {per_crate} {item} each were added. "
+            "How many {item} does the club room hold now?",
+            "{name}'s kiosk stocks {start} {item} at dawn. By noon it has sold {monday}, by evening another "
+            "{tuesday}, and at closing {crates} packages holding {per_crate} {item} each are delivered. How "
+            "many {item} are in the kiosk after the delivery?",
+        ],
+        "tickets": [
+            "{name} organises a concert outing for {friends} people, {name} included. They need {adults} adult "
+            "seats at ${adult_price} each and {children} student seats at ${child_price} each, and a voucher "
+            "takes ${coupon} off. The bill is shared equally. What is each person's share in dollars?",
+            "Swimming pool tickets cost {adult_price} dollars for adults and {child_price} dollars for "
+            "children. {name} buys {adults} adult and {children} child tickets and uses a {coupon}-dollar "
+            "voucher, and the {friends} people in the group share the cost equally. What does each one of them "
+            "pay, in dollars?",
+        ],
+    },
+    asks={
+        "packing": ("How many complete groups are there?", "How many {item} are not in a complete group?"),
+        "savings": ("How many {many} can {name} afford?", "How many dollars does {name} keep after buying them?"),
+    },
+    distractors=[
+        "{name}'s bike has {n} gears.",
+        "The shop opened {n} years ago.",
+        "{name} walked for {n} minutes to get there.",
+        "There were {n} people in the queue.",
+        "{name}'s locker is number {n}.",
+    ],
+)  # fmt: skip
+WORDINGS = {"held_out": HELD_OUT_WORDING, "training": TRAINING_WORDING}
+
+
 def make_rephrased_problem(rng: random.Random) -> Problem:
     """The easy generator's ranges: a + b - c (a, b in 1..9, 1 <= c < a + b), a * b + c (a, b in 2..5, c in
     1..9), a - b (a in 5..19, 1 <= b < a)."""
@@ -147,59 +245,72 @@ def make_rephrased_problem(rng: random.Random) -> Problem:
     return Problem(question, steps, answer, kind=kind, facts=facts)
 
 
-def make_hard_rephrased_problem(rng: random.Random, level: int = DEFAULT_LEVEL) -> Problem:
-    """A problem sampled by one of the hard generator's kinds at `level`, its question reworded; the steps
-    lose the generator's labels, which name its objects."""
+def make_hard_rephrased_problem(
+    rng: random.Random, level: int = DEFAULT_LEVEL, wording: Wording = HELD_OUT_WORDING
+) -> Problem:
+    """A problem sampled by one of the hard generator's kinds at `level`, its question asked in `wording`; the
+    steps lose the generator's labels, which name its objects."""
     numbers = LEVELS[level]
-    name, kind = rng.choice(HARD_NAMES), rng.choice(sorted(HARD_TEMPLATES))
+    name, kind = rng.choice(wording.names), rng.choice(sorted(wording.templates))
     _, steps, answer, facts = KINDS[kind](rng, name, numbers)
-    (one, many), (one2, many2) = rng.sample(HARD_GOODS, 2)
+    (one, many), (one2, many2) = rng.sample(wording.goods, 2)
     words = {
         "name": name,
-        "item": rng.choice(HARD_ITEMS),
+        "item": rng.choice(wording.items),
         "one": one,
         "many": many,
         "one2": one2,
         "many2": many2,
     }
-    ask = HARD_ASKS[kind][facts["ask_left"]].format(**words) if kind in HARD_ASKS else ""
-    question = rng.choice(HARD_TEMPLATES[kind]).format(**facts, **words, ask=ask)
+    ask = wording.asks[kind][facts["ask_left"]].format(**words) if kind in wording.asks else ""
+    question = rng.choice(wording.templates[kind]).format(**facts, **words, ask=ask)
     if rng.random() < numbers.distractor_rate:
-        distractor = rng.choice(HARD_DISTRACTORS).format(name=name, n=rng.randint(11, 99))
+        distractor = rng.choice(wording.distractors).format(name=name, n=rng.randint(11, 99))
         body, _, last_sentence = question.rpartition(". ")
         question = f"{body}. {distractor} {last_sentence}"
     steps = tuple(step.rpartition(": ")[2] for step in steps)
     return Problem(question, steps, answer, kind=kind, facts=facts)
 
 
-MAKERS = {"easy": make_rephrased_problem, "hard": make_hard_rephrased_problem}
-
-
-def rephrased_problems(seed: int = 0, count: int = 200, difficulty: str = "easy") -> list[Problem]:
-    """`count` problems with distinct questions, the tier's held-out set for `seed`."""
-    make, rng = MAKERS[difficulty], random.Random(seed)
+def rephrased_problems(
+    seed: int = 0, count: int = 200, difficulty: str = "easy", wording: str = "held_out"
+) -> list[Problem]:
+    """`count` problems with distinct questions: the tier's held-out set for `seed`, or with the hard tier's
+    training wording, RL prompts."""
+    if difficulty == "easy" and wording != "held_out":
+        raise ValueError("the easy tier has the held-out wording only")
+    rng = random.Random(seed)
     problems, seen = [], set()
     while len(problems) < count:
-        problem = make(rng)
+        if difficulty == "easy":
+            problem = make_rephrased_problem(rng)
+        else:
+            problem = make_hard_rephrased_problem(rng, wording=WORDINGS[wording])
         if problem.question not in seen:
             seen.add(problem.question)
             problems.append(problem)
     return problems
 
 
-def rephrased_rows(seed: int = 0, count: int = 200, difficulty: str = "easy") -> list[dict]:
-    return [rl_row(problem) for problem in rephrased_problems(seed, count, difficulty)]
+def rephrased_rows(
+    seed: int = 0, count: int = 200, difficulty: str = "easy", wording: str = "held_out"
+) -> list[dict]:
+    return [rl_row(problem) for problem in rephrased_problems(seed, count, difficulty, wording)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--difficulty", choices=sorted(MAKERS), default="easy")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--difficulty", choices=["easy", "hard"], default="easy")
+    parser.add_argument("--wording", choices=sorted(WORDINGS), default="held_out")
+    parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--out", help="default: the tier's data/arith*/test_rephrased.jsonl")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tier = "arith" if args.difficulty == "easy" else f"arith_{args.difficulty}"
     with Path(args.out or f"data/{tier}/test_rephrased.jsonl").open("w") as handle:
-        for row in rephrased_rows(args.seed, difficulty=args.difficulty):
+        for row in rephrased_rows(args.seed, args.count, args.difficulty, args.wording):
             handle.write(json.dumps(row) + "\n")
 
 

@@ -152,6 +152,7 @@ def test_bundled_files_are_regenerated_byte_for_byte(tmp_path, repo_root):
 NAMES = {
     "generators": {*easy.NAMES, *hard.NAMES},
     "rephrased": {*rephrased.NAMES, *rephrased.HARD_NAMES},
+    "training": set(rephrased.TRAINING_WORDING.names),
 }
 OBJECTS = {
     "generators": {*easy.ITEMS, *hard.ITEMS, *(word for pair in hard.GOODS for word in pair)},
@@ -159,6 +160,10 @@ OBJECTS = {
         *rephrased.ITEMS,
         *rephrased.HARD_ITEMS,
         *(word for pair in rephrased.HARD_GOODS for word in pair),
+    },
+    "training": {
+        *rephrased.TRAINING_WORDING.items,
+        *(word for pair in rephrased.TRAINING_WORDING.goods for word in pair),
     },
 }
 
@@ -241,3 +246,39 @@ def test_hard_rephrased_set_asks_the_hard_kinds_in_new_sentences(repo_root):
     bundled = [json.loads(line)["prompt"] for line in (repo_root / "data/arith_hard/test.jsonl").open()]
     assert bundled[0][0] == json.loads(lines[0])["prompt"][0]  # the same system message
     assert not {json.dumps(json.loads(line)["prompt"]) for line in lines} & {json.dumps(p) for p in bundled}
+
+
+def test_hard_training_wording_is_a_third_wording_of_the_same_problems(repo_root):
+    """data/arith_hard/rl_varied.jsonl: the generator's kinds, numbers and answers in sentences, names, objects
+    and distractors that neither the generator nor the held-out rephrased set uses."""
+    for other in ("generators", "rephrased"):
+        assert not NAMES["training"] & NAMES[other]
+        assert not OBJECTS["training"] & OBJECTS[other]
+    rng = random.Random(0)
+    elsewhere = set().union(
+        *(sentence_skeletons(make_hard_problem(rng).question) for _ in range(3000)),
+        *(
+            sentence_skeletons(p.question)
+            for p in rephrased.rephrased_problems(seed=0, count=600, difficulty="hard")
+        ),
+    )
+    problems = rephrased.rephrased_problems(seed=1, count=1000, difficulty="hard", wording="training")
+    assert {p.kind for p in problems} == set(KINDS)
+    others = NAMES["generators"] | NAMES["rephrased"] | OBJECTS["generators"] | OBJECTS["rephrased"]
+    foreign = re.compile(r"\b(" + "|".join(others) + r")\b")
+    for problem in problems:
+        assert problem.answer == recompute(problem.kind, problem.facts), problem.question
+        skeletons = sentence_skeletons(problem.question)
+        assert not skeletons & elsewhere, (skeletons & elsewhere, problem.question)
+        assert not foreign.search(problem.question), problem.question
+    assert any(re.search(r"gears|years ago|minutes|queue|locker", p.question) for p in problems)
+    lines = (repo_root / "data/arith_hard/rl_varied.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [rl_row(problem) for problem in problems]
+    held_out = [
+        json.dumps(json.loads(line)["prompt"])
+        for name in ("test.jsonl", "test_rephrased.jsonl")
+        for line in (repo_root / "data/arith_hard" / name).open()
+    ]
+    assert not {json.dumps(json.loads(line)["prompt"]) for line in lines} & set(held_out)
+    with pytest.raises(ValueError, match="the easy tier has the held-out wording only"):
+        rephrased.rephrased_problems(difficulty="easy", wording="training")
