@@ -132,19 +132,19 @@ def sample_next(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
 
 
 class CastingStaticCache(StaticCache):
-    """A StaticCache that stores keys and values in `dtype`. Under autocast, transformers' RoPE returns fp32 keys
-    (the residual stream's dtype) which SDPA casts to the autocast dtype at every read; casting once, as they are
-    written, gives SDPA the same operands and halves the cache."""
+    """A StaticCache that stores keys and values in `storage_dtype`. Under autocast, transformers' RoPE returns
+    fp32 keys (the residual stream's dtype) which SDPA casts to the autocast dtype at every read; casting once, as
+    they are written, gives SDPA the same operands and halves the cache."""
 
-    def __init__(self, dtype: torch.dtype, **kwargs: Any) -> None:
+    def __init__(self, storage_dtype: torch.dtype, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dtype = dtype
+        self.storage_dtype = storage_dtype
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return super().update(
-            key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs
+            key_states.to(self.storage_dtype), value_states.to(self.storage_dtype), layer_idx, *args, **kwargs
         )
 
 
