@@ -35,6 +35,15 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def compute_dtype(cfg: ModelSection) -> torch.dtype | None:
+    """The autocast dtype a model loaded by `load_causal_lm` computes in outside a trainer (a traces teacher):
+    bf16 on a bf16-capable GPU when `dtype` is "auto" (fp32 weights, bf16 compute, as in the trainers), else None
+    (the weights' own precision)."""
+    if cfg.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def _uses_posttrain_model(cfg: ModelSection, model_type: str) -> bool:
     if cfg.implementation == "posttrain" and model_type != "deepseek_v3":
         raise ValueError(f"model.implementation=posttrain supports deepseek_v3 models, not {model_type!r}")

@@ -32,7 +32,7 @@ from posttrain.data.prompts import PromptSet, load_prompts
 from posttrain.generation.base import Backend, Completion, SamplingParams, SamplingRefused
 from posttrain.generation.factory import build_backend, make_backend, sampling_params
 from posttrain.model.gguf import resolve_model_path
-from posttrain.policy import load_causal_lm, load_tokenizer
+from posttrain.policy import compute_dtype, load_causal_lm, load_tokenizer
 from posttrain.rollouts import make_reward_runner, score
 from posttrain.samples import (
     TRACES_NO_SIGNAL,
@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 def make_teacher_backend(recipe: TracesRecipe, tokenizer: PreTrainedTokenizerBase, out: Path) -> Backend:
     """vLLM loads a teacher checkpoint itself; an OpenAI-compatible server needs only the tokenizer (to cut
-    stop strings as the other backends do); otherwise the backend generates with the teacher loaded here."""
+    stop strings as the other backends do); otherwise the backend generates with the teacher loaded here, under
+    bf16 autocast on a GPU when model.dtype is auto (`compute_dtype`)."""
     cfg = recipe.generation
     if cfg.backend == "vllm" and recipe.model.path is not None:
         model_path = resolve_model_path(recipe.model.path)  # a .gguf teacher: its converted checkpoint
@@ -60,7 +61,7 @@ def make_teacher_backend(recipe: TracesRecipe, tokenizer: PreTrainedTokenizerBas
         return build_backend("openai", **{"tokenizer": tokenizer, **cfg.options})
     # Where the trainers put a model: a teacher left on the CPU of a GPU machine decodes many times slower.
     teacher = load_causal_lm(recipe.model).to("cuda" if torch.cuda.is_available() else "cpu")
-    return make_backend(cfg, teacher, tokenizer, out)
+    return make_backend(cfg, teacher, tokenizer, out, compute_dtype(recipe.model))
 
 
 def generate_with_retries(

@@ -13,12 +13,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from posttrain.config import GenerationSection
+from posttrain.config import GenerationSection, load_recipe
 from posttrain.fast.attention import register_varlen_attention
 from posttrain.generation import SamplingParams, build_backend, hf
 from posttrain.generation.factory import make_backend
 from posttrain.generation.hf import GROUPED_KV_SDPA, grouped_kv_sdpa
 from posttrain.generation.testing import build_tiny_deepseek_v3, forward_logprobs
+from posttrain.policy import compute_dtype
+from posttrain.traces import pipeline
+from posttrain.traces.config import TracesRecipe
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
 QUESTIONS = ["two plus three", "what is seven times eight and then minus one", "sum of 12 and 30", "the cat"]
@@ -362,3 +365,23 @@ def test_a_trainers_mixed_precision_reaches_the_hf_backend_unless_the_recipe_say
     recipe_says_fp32 = GenerationSection(backend="hf", options={"autocast": None})
     assert make_backend(recipe_says_fp32, model, tokenizer, tmp_path, torch.bfloat16).autocast is None
     assert make_backend(GenerationSection(backend="hf"), model, tokenizer, tmp_path).autocast is None
+
+
+def test_a_traces_teacher_loaded_with_dtype_auto_computes_in_bf16_on_a_gpu(
+    qwen2_dir, repo_root, tokenizer, monkeypatch, tmp_path
+):
+    """ "auto" loads fp32 weights for bf16 autocast compute (as the trainers do); a traces teacher follows it."""
+    monkeypatch.chdir(repo_root)
+    overrides = [f"model.path={qwen2_dir}", "generation.backend=hf"]
+    auto = load_recipe("recipes/traces_arith.yaml", TracesRecipe, overrides)
+    fp32 = load_recipe("recipes/traces_arith.yaml", TracesRecipe, [*overrides, "model.dtype=float32"])
+    asked = []
+    monkeypatch.setattr(pipeline, "compute_dtype", lambda cfg: asked.append(cfg) or torch.bfloat16)
+    assert pipeline.make_teacher_backend(auto, tokenizer, tmp_path).autocast is torch.bfloat16
+    assert asked == [auto.model]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_dtype(auto.model) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert compute_dtype(auto.model) is torch.bfloat16
+    assert compute_dtype(fp32.model) is None
