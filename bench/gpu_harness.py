@@ -464,11 +464,13 @@ def stop_profiler(
     prof.stop()
     totals: dict[str, float] = {kind: 0.0 for kind, _ in kinds} | {"other": 0.0}
     top: dict[str, float] = {}
+    host: dict[str, float] = {}  # self CPU time of host ops and runtime calls: where a host-bound step goes
     for event in prof.key_averages():
         if getattr(event, "is_user_annotation", False) or event.key.startswith(_RANGES):
             continue  # ranges around kernels (e.g. "Optimizer.step#AdamW.step"), not kernels: no double count
         if device.type == "cuda":
             if event.device_type != torch.autograd.DeviceType.CUDA:
+                host[event.key[:100]] = event.self_cpu_time_total
                 continue
             micros = event.self_device_time_total
         else:
@@ -484,6 +486,10 @@ def stop_profiler(
             k: round(v / 1e3 / steps, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:20]
         },
     }
+    if host:
+        result["host_self_ms_per_step"] = {
+            k: round(v / 1e3 / steps, 3) for k, v in sorted(host.items(), key=lambda kv: -kv[1])[:25]
+        }
     try:
         result |= phase_split(prof, device, steps)
     except Exception as error:  # noqa: BLE001 (the name-based share stands without it)

@@ -30,6 +30,7 @@ from posttrain.model.fp8 import (
     fp8_block_matmul,
     quantize_blocks,
     quantize_blocks_both_layouts,
+    quantize_rows_and_columns,
 )
 from posttrain.model.kernels.fp8 import _fp8_block_gemm_kernel, fp8_block_gemm
 
@@ -79,7 +80,19 @@ def check_quantisation() -> None:
         assert torch.equal(q_t.view(torch.uint8), q_ref.view(torch.uint8).t()) and torch.equal(
             scale_t, scale_ref.t()
         )
-    print(f"quantisation kernel: bit-identical to the reference on {len(cases) + 2} shapes/tilings/layouts")
+    for shape in [(8192, 2048), (4000, 8192), (333, 1000)]:  # an activation in both tilings, one pass
+        x = (torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, device="cuda") * 100).bfloat16()
+        got = quantize_rows_and_columns(x)
+        want = (*reference_quantize(x, (1, 128), False), *reference_quantize(x, (128, 1), True))
+        for a, b in zip(got, want):
+            same = (
+                torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                if a.dtype == FP8_DTYPE
+                else torch.equal(a, b)
+            )
+            assert same, (shape, "rows-and-columns quantisation differs from the reference")
+        assert got[1].stride() == (1, shape[0]) and got[3].stride() == (1, shape[1])  # cuBLAS's scale layouts
+    print(f"quantisation kernels: bit-identical to the reference on {len(cases) + 5} shapes/tilings/layouts")
 
 
 def check_gemm() -> None:
@@ -209,6 +222,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fp8_bench.json")
+    parser.add_argument("--checks-only", action="store_true", help="the correctness checks, no timing")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit(
@@ -224,6 +238,8 @@ def main() -> None:
         f"{key[1]}-row B scales -> {key[2]}": ok for key, ok in fp8_module._CUBLAS_BLOCK_SCALING.items()
     }
     print(f"cuBLAS block-scaled GEMM self-check (True = used): {routes}", flush=True)
+    if args.checks_only:
+        return
     print("\nGEMM TFLOP/s (median); speedup = fp8 block gemm / bf16 matmul", flush=True)
     gemm_rows = []
     for name, shape in GEMM_SHAPES.items():

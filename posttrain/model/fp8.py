@@ -2,7 +2,8 @@
 
 Quantisation. A tensor is cut into tiles and every tile gets its own float32 scale
 `s = amax(|tile|) / 448`, so the tile's largest element maps onto e4m3's largest finite value; the stored
-value is `q = e4m3(x / s)` (round to nearest even) and `x ≈ q * s`. Activations use 1×128 tiles along the
+value is `q = e4m3(x · (1/s))` (one reciprocal per tile and a product per element, which the GPU kernels
+compute at memory speed where a division per element was compute-bound; round to nearest even) and `x ≈ q * s`. Activations use 1×128 tiles along the
 reduction dimension K, weights 128×128 blocks. V3 checkpoints store a weight as `weight` (e4m3, [N, K]) plus
 `weight_scale_inv` (float32, [ceil(N/128), ceil(K/128)]): the multiplier that dequantises, `w = q * s`.
 
@@ -58,26 +59,34 @@ def quantize_blocks(
     Returns (q, scale): q [R, C] e4m3 and scale [ceil(R/tr), ceil(C/tc)] with x ≈ q * scale per tile.
     Edge tiles are partial (as if zero-padded). With `transpose`, returns the same numbers laid out for xᵀ:
     q [C, R] and scale [ceil(C/tc), ceil(R/tr)] — the layout the GEMM wants when R is its reduction dimension.
+
+    Eagerly on CUDA this is one Triton pass. Under `torch.compile` it is the PyTorch expression below, which
+    Inductor fuses into the kernel that produces x (the weights' quantisation in a compiled block; activations
+    that train take `quantize_rows_and_columns`, whose transposed tiling Inductor's code did not write at memory
+    speed).
     """
     _check_2d("x", x)
-    if _use_triton(x):
+    if not torch.compiler.is_compiling() and _use_triton(x):
         from posttrain.model.kernels import quantize_tiles
 
         q, scale, q_t, scale_t = quantize_tiles(x, tile, rows=not transpose, cols=transpose)
         return (q_t, scale_t) if transpose else (q, scale)
+    if transpose:  # xᵀ's tiles are x's tiles transposed
+        return quantize_blocks(x.t(), (tile[1], tile[0]))
     rows, cols = x.shape
     tile_r, tile_c = tile
-    n_row_blocks, n_col_blocks = math.ceil(rows / tile_r), math.ceil(cols / tile_c)
+    n_row_blocks, n_col_blocks = _ceil_div(rows, tile_r), _ceil_div(cols, tile_c)
     padded = F.pad(x.float(), (0, n_col_blocks * tile_c - cols, 0, n_row_blocks * tile_r - rows))
     tiles = padded.view(n_row_blocks, tile_r, n_col_blocks, tile_c)
     amax = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp_min(AMAX_FLOOR)
     scale = amax / FP8_MAX
-    q = (tiles / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = (tiles * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.view(n_row_blocks * tile_r, n_col_blocks * tile_c)[:rows, :cols]
-    scale = scale.view(n_row_blocks, n_col_blocks)
-    if transpose:
-        return q.t().contiguous(), scale.t().contiguous()
-    return q.contiguous(), scale
+    return q.contiguous(), scale.view(n_row_blocks, n_col_blocks)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)  # stays an integer for symbolic sizes under torch.compile, unlike math.ceil(a / b)
 
 
 def quantize_blocks_both_layouts(
@@ -93,11 +102,52 @@ def quantize_blocks_both_layouts(
     return q, scale, q.t().contiguous(), scale.t().contiguous()
 
 
+@torch.library.custom_op("posttrain::fp8_quantize_rows_and_columns", mutates_args=())
+def quantize_rows_and_columns(
+    x: torch.Tensor, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An activation or a gradient x [M, K] in the two tilings a linear layer's GEMMs read: (q, scale) =
+    `quantize_blocks(x, (1, block))` for the forward and dgrad GEMMs, and (q_t, scale_t) =
+    `quantize_blocks(x, (block, 1), transpose=True)` for wgrad, which reduces over tokens.
+
+    One Triton pass over x on CUDA (`posttrain.model.kernels.quantize_rows_and_columns`). The scales come in the
+    column-major layouts cuBLAS's block-scaled GEMM reads (scale [M, K/block] with strides (1, M), scale_t
+    [K, M/block] with strides (1, K)), so no GEMM copies them. One opaque operator under `torch.compile`: its
+    producer writes x once and this pass reads it once, where Inductor's own code for the transposed tiling
+    took several passes (bench/fp8_block_gpu.py).
+    """
+    _check_2d("x", x)
+    if _use_triton(x):
+        from posttrain.model import kernels
+
+        return kernels.quantize_rows_and_columns(x, block)
+    q, scale = quantize_blocks(x, (1, block))
+    q_t, scale_t = quantize_blocks(x, (block, 1), transpose=True)
+    return q, _column_major(scale), q_t, _column_major(scale_t)
+
+
+@quantize_rows_and_columns.register_fake
+def _quantize_rows_and_columns_shapes(
+    x: torch.Tensor, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    (m, k), f32 = x.shape, torch.float32
+    q = x.new_empty((m, k), dtype=FP8_DTYPE)
+    q_t = x.new_empty((k, m), dtype=FP8_DTYPE)
+    scale = x.new_empty_strided((m, _ceil_div(k, block)), (1, m), dtype=f32)
+    scale_t = x.new_empty_strided((k, _ceil_div(m, block)), (1, k), dtype=f32)
+    return q, scale, q_t, scale_t
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, (1, t.shape[0]), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
     """Inverse of `quantize_blocks`: float32 q * scale, each scale spread over its tile."""
     _check_2d("q", q)
     rows, cols = q.shape
-    expected = (math.ceil(rows / tile[0]), math.ceil(cols / tile[1]))
+    expected = (_ceil_div(rows, tile[0]), _ceil_div(cols, tile[1]))
     if tuple(scale.shape) != expected:
         raise ValueError(
             f"scale has shape {tuple(scale.shape)}, expected {expected} for q {tuple(q.shape)} and tile {tile}"
@@ -147,18 +197,35 @@ def fp8_block_matmul(
     (m, k), n = a_q.shape, b_q.shape[0]
     if b_q.shape[1] != k:
         raise ValueError(f"a_q {tuple(a_q.shape)} and b_q {tuple(b_q.shape)} disagree on K")
-    k_blocks = math.ceil(k / block_k)
+    k_blocks = _ceil_div(k, block_k)
     if tuple(a_scale.shape) != (m, k_blocks):
         raise ValueError(f"a_scale has shape {tuple(a_scale.shape)}, expected {(m, k_blocks)}")
     if tuple(b_scale.shape) == (n, k_blocks):
         b_scale_rows = 1
-    elif tuple(b_scale.shape) == (math.ceil(n / block_k), k_blocks):
+    elif tuple(b_scale.shape) == (_ceil_div(n, block_k), k_blocks):
         b_scale_rows = block_k
     else:
         raise ValueError(
             f"b_scale has shape {tuple(b_scale.shape)}, expected {(n, k_blocks)} (per row) "
-            f"or {(math.ceil(n / block_k), k_blocks)} (per {block_k}×{block_k} block)"
+            f"or {(_ceil_div(n, block_k), k_blocks)} (per {block_k}×{block_k} block)"
         )
+    return torch.ops.posttrain.fp8_block_mm(a_q, a_scale, b_q, b_scale, b_scale_rows, out_dtype, block_k)
+
+
+@torch.library.custom_op("posttrain::fp8_block_mm", mutates_args=())
+def _fp8_block_mm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_scale_rows: int,
+    out_dtype: torch.dtype,
+    block_k: int,
+) -> torch.Tensor:
+    """`fp8_block_matmul`'s backend, chosen from the concrete shapes at run time. One opaque operator for
+    `torch.compile`, so that a compiled block keeps its FP8 GEMMs in the graph (no graph break) while Inductor
+    fuses the quantisation around them."""
+    (m, k), n = a_q.shape, b_q.shape[0]
     if (
         a_q.is_cuda
         and _cublas_takes_shape(m, n, k, b_scale_rows, block_k)
@@ -170,6 +237,19 @@ def fp8_block_matmul(
 
         return fp8_block_gemm(a_q, a_scale, b_q, b_scale, b_scale_rows, block_k, out_dtype)
     return _reference_block_matmul(a_q, a_scale, b_q, b_scale, b_scale_rows, out_dtype, block_k)
+
+
+@_fp8_block_mm.register_fake
+def _fp8_block_mm_shape(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_scale_rows: int,
+    out_dtype: torch.dtype,
+    block_k: int,
+) -> torch.Tensor:
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
 
 def _reference_block_matmul(
@@ -240,47 +320,64 @@ def _cublas_block_scaling_works(device: torch.device, b_scale_rows: int, out_dty
     return _CUBLAS_BLOCK_SCALING[key]
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an nn.Linear would return for x: autocast's where it is on (bf16 under the trainers' mixed
+    precision), else x's own. FP8 GEMMs write their output in it directly, with no cast pass after them."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x Wᵀ with the forward, dgrad and wgrad GEMMs in block-scaled FP8 (see the module docstring)."""
+    """y = x Wᵀ with the forward, dgrad and wgrad GEMMs in block-scaled FP8 (see the module docstring).
+
+    W arrives quantised in both layouts (`quantize_blocks_both_layouts`): the forward reads (w_q, w_scale),
+    dgrad the transposed (w_t_q, w_t_scale). Gradients come back in the dtypes of x and of the master weight.
+    """
 
     @staticmethod
-    def forward(  # noqa: ANN205
+    def forward(  # noqa: ANN205, PLR0913
         ctx,  # noqa: ANN001
         x: torch.Tensor,
         weight: torch.Tensor,
-        block_size: tuple[int, int],
-        weight_fp8: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        block: int,
+        w_q: torch.Tensor,
+        w_scale: torch.Tensor,
+        w_t_q: torch.Tensor,
+        w_t_scale: torch.Tensor,
     ) -> torch.Tensor:
-        """`weight_fp8`: W's blocks in both layouts (`quantize_blocks_both_layouts`), quantised once per
-        optimiser step by FP8Linear (the forward reads q, scale; dgrad the transposed q_t, scale_t)."""
-        block = block_size[0]  # square blocks: the same tile width along K, N and tokens
         need_grad_x, need_grad_w = ctx.needs_input_grad[:2]
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_scale = quantize_blocks(x2, (1, block))
-        x_t_q = x_t_scale = None
-        w_q, w_scale, w_t_q, w_t_scale = weight_fp8
+        if need_grad_w:  # wgrad reduces over tokens: keep x in FP8 with 128-token tiles, not x itself
+            x_q, x_scale, x_t_q, x_t_scale = quantize_rows_and_columns(x2, block)
+        else:
+            x_q, x_scale = quantize_blocks(x2, (1, block))
+            x_t_q = x_t_scale = None
         if not need_grad_x:
             w_t_q = w_t_scale = None
-        if need_grad_w:  # wgrad reduces over tokens: keep x in FP8 with 128-token tiles, not x itself
-            x_t_q, x_t_scale = quantize_blocks(x2, (block, 1), transpose=True)
-        y = fp8_block_matmul(x_q, x_scale, w_q, w_scale, x.dtype, block)
+        y = fp8_block_matmul(x_q, x_scale, w_q, w_scale, _compute_dtype(x), block)
         ctx.save_for_backward(x_t_q, x_t_scale, w_t_q, w_t_scale)
-        ctx.block, ctx.in_features, ctx.weight_dtype = block, x.shape[-1], weight.dtype
+        ctx.block, ctx.in_features = block, x.shape[-1]
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # noqa: ANN001
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         x_t_q, x_t_scale, w_t_q, w_t_scale = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])
+        need_grad_x, need_grad_w = ctx.needs_input_grad[:2]
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if need_grad_x and need_grad_w:
+            dy_q, dy_scale, dy_t_q, dy_t_scale = quantize_rows_and_columns(dy, ctx.block)
+        elif need_grad_x:
             dy_q, dy_scale = quantize_blocks(dy, (1, ctx.block))
-            grad_x = fp8_block_matmul(dy_q, dy_scale, w_t_q, w_t_scale, grad_out.dtype, ctx.block)
-            grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features)
-        if ctx.needs_input_grad[1]:
+        elif need_grad_w:
             dy_t_q, dy_t_scale = quantize_blocks(dy, (ctx.block, 1), transpose=True)
+        if need_grad_x:
+            grad_x = fp8_block_matmul(dy_q, dy_scale, w_t_q, w_t_scale, ctx.x_dtype, ctx.block)
+            grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features)
+        if need_grad_w:
             grad_w = fp8_block_matmul(dy_t_q, dy_t_scale, x_t_q, x_t_scale, ctx.weight_dtype, ctx.block)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 # Master weights change in the optimiser's step. Fused and foreach AdamW update them in place without bumping their
@@ -358,23 +455,24 @@ class FP8Linear(nn.Module):
         layer.weight, layer.bias = linear.weight, linear.bias
         return layer
 
-    # Run eagerly inside compiled blocks (a graph break around each FP8 GEMM): dynamo cannot yet trace the
-    # quantisation kernels and the cached weight (seen with torch 2.11: wrong fake shapes, 2026-12-03).
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_fp8_storage:
             block = self.block_size[1]
             x_q, x_scale = quantize_blocks(x.reshape(-1, self.in_features), (1, block))
-            y = fp8_block_matmul(x_q, x_scale, self.weight, self.weight_scale_inv, x.dtype, block)
+            y = fp8_block_matmul(x_q, x_scale, self.weight, self.weight_scale_inv, _compute_dtype(x), block)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
-            y = _FP8LinearFunction.apply(x, self.weight, self.block_size, self._quantized_weight())
+            y = _FP8LinearFunction.apply(x, self.weight, self.block_size[0], *self._quantized_weight())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The master weight's 128×128 blocks in both layouts, quantised once between two optimiser steps (every
-        micro-batch of a step and the reference/old-policy passes reuse them)."""
+        """The master weight's 128×128 blocks in both layouts. Eagerly, quantised once between two optimiser
+        steps (every micro-batch of a step and the reference/old-policy passes reuse them). Inside a compiled
+        block, quantised in the graph at every forward: the cache's key is Python state that a graph cannot
+        read, and Inductor's one fused pass over the weight costs what autocast's bf16 cast of it costs."""
         weight = self.weight.detach()
+        if torch.compiler.is_compiling():
+            return quantize_blocks_both_layouts(weight, self.block_size)
         key = (_OPTIMIZER_STEPS[0], weight._version, weight.data_ptr(), weight.device, weight.dtype)
         cached = self.__dict__.get("_weight_fp8")
         if cached is None or cached[0] != key:

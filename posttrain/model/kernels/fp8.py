@@ -1,18 +1,21 @@
 """Triton kernels for DeepSeek-V3-style block-scaled FP8 (report §3.3.2).
 
-Two kernels:
+Three kernels:
 
 - `quantize_tiles`: one pass over a 2-D tensor that gives every `tile` (1×128 for activations, 128×128 for
   weights, 128×1 for the token-wise tiles of the weight-gradient GEMM) its own float32 scale
   `amax / 448` and stores the e4m3 values, optionally transposed so that the reduction dimension of the
   GEMM that consumes them is the contiguous one.
+- `quantize_rows_and_columns`: an activation (or its gradient) in both of the tilings a linear layer's GEMMs
+  need, 1×128 row-major and 128×1 transposed, from one read of it.
 - `fp8_block_gemm`: C = A @ B.T for e4m3 A [M, K] (scales per 1×128 tile) and B [N, K] (scales per 128×128
   block or per 1×128 tile). Each 128-wide K step is one tensor-core dot; its result is scaled and added to a
   float32 accumulator in registers, which is the "promotion to CUDA cores every 128 elements" of the report:
   the tensor cores' own FP8 accumulation (~14 bits) never spans more than 128 products.
 
 The semantics are defined by the PyTorch reference in `posttrain.model.fp8`; the kernels reproduce the
-quantisation bit for bit (IEEE division, round-to-nearest-even, saturation at ±448) and the GEMM up to float32
+quantisation bit for bit (IEEE reciprocal of each scale, then products; round-to-nearest-even; saturation at
+±448) and the GEMM up to float32
 summation order.
 """
 
@@ -54,17 +57,17 @@ def _quantize_tiles_kernel(
     if TILE_R == 1:  # one scale per row of the block (1×BLOCK_C tiles)
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
         scale = tl.math.div_rn(amax, FP8_MAX)
-        y = tl.math.div_rn(x, scale[:, None])
+        y = x * tl.math.div_rn(1.0, scale)[:, None]
         tl.store(s_ptr + offs_r * stride_s_row_block + pid_c * stride_s_col_block, scale, mask=offs_r < R)
     elif TILE_C == 1:  # one scale per column of the block (BLOCK_R×1 tiles)
         amax = tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_FLOOR)
         scale = tl.math.div_rn(amax, FP8_MAX)
-        y = tl.math.div_rn(x, scale[None, :])
+        y = x * tl.math.div_rn(1.0, scale)[None, :]
         tl.store(s_ptr + pid_r * stride_s_row_block + offs_c * stride_s_col_block, scale, mask=offs_c < C)
     else:  # one scale for the whole BLOCK_R×BLOCK_C block
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), AMAX_FLOOR)
         scale = tl.math.div_rn(amax, FP8_MAX)
-        y = tl.math.div_rn(x, scale)
+        y = x * tl.math.div_rn(1.0, scale)
         tl.store(s_ptr + pid_r * stride_s_row_block + pid_c * stride_s_col_block, scale)
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
     if STORE_ROWS:  # q [R, C]
@@ -127,6 +130,65 @@ def quantize_tiles(
     if not rows:
         return None, None, q_t, scale
     return q, scale, q_t, (scale.t().contiguous() if cols else None)
+
+
+@triton.jit
+def _quantize_rows_and_columns_kernel(
+    x_ptr,
+    q_ptr,
+    q_t_ptr,
+    s_rows_ptr,
+    s_cols_ptr,
+    M,
+    K,
+    stride_xm,
+    BLOCK: tl.constexpr,
+):
+    # One BLOCK×BLOCK tile of x [M, K] per program: its 1×BLOCK row tiles and BLOCK×1 column tiles are both
+    # whole inside it, so one read of x gives both quantisations.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    in_m, in_k = offs_m < M, offs_k < K
+    mask = in_m[:, None] & in_k[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    row_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR), FP8_MAX)
+    col_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_FLOOR), FP8_MAX)
+    rows = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, row_scale)[:, None], -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], rows.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_rows_ptr + pid_k * M + offs_m, row_scale, mask=in_m)  # [M, K/BLOCK] stored M-major
+    cols = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, col_scale)[None, :], -FP8_MAX), FP8_MAX)
+    tl.store(
+        q_t_ptr + offs_k[:, None] * M + offs_m[None, :],
+        tl.trans(cols.to(q_t_ptr.dtype.element_ty)),
+        mask=in_k[:, None] & in_m[None, :],
+    )
+    tl.store(s_cols_ptr + pid_m * K + offs_k, col_scale, mask=in_k)  # [K, M/BLOCK] stored K-major
+
+
+def quantize_rows_and_columns(
+    x: torch.Tensor, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An activation x [M, K] quantised for all three GEMMs of a linear layer, in one pass over x.
+
+    Returns (q, scale, q_t, scale_t): q [M, K] with scale [M, K/block] per 1×block tile (forward and dgrad), and
+    q_t [K, M] with scale_t [K, M/block] per block×1 tile, the layout of xᵀ (wgrad reduces over tokens). The
+    values are `quantize_blocks(x, (1, block))` and `quantize_blocks(x, (block, 1), transpose=True)`; the scales
+    are stored in the column-major layouts cuBLAS's block-scaled GEMM reads, so it needs no copy of them.
+    """
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    m_blocks, k_blocks = triton.cdiv(m, block), triton.cdiv(k, block)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    q_t = torch.empty((k, m), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty_strided((m, k_blocks), (1, m), dtype=torch.float32, device=x.device)
+    scale_t = torch.empty_strided((k, m_blocks), (1, k), dtype=torch.float32, device=x.device)
+    _quantize_rows_and_columns_kernel[(m_blocks, k_blocks)](
+        x, q, q_t, scale, scale_t, m, k, x.stride(0), BLOCK=block, num_warps=8
+    )
+    return q, scale, q_t, scale_t
 
 
 def _gemm_configs() -> list[triton.Config]:
