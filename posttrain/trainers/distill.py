@@ -47,7 +47,7 @@ from posttrain.config import (
 from posttrain.data.prompts import load_prompts
 from posttrain.data.trace_runs import trace_sources
 from posttrain.generation.factory import make_backend
-from posttrain.policy import Policy, build_policy, load_causal_lm, load_tokenizer
+from posttrain.policy import Policy, build_policy, compute_dtype, load_causal_lm, load_tokenizer
 from posttrain.rollouts import evaluate, make_reward_runner
 from posttrain.trainers.loop import (
     Checkpointer,
@@ -120,14 +120,17 @@ def sft_recipe(recipe: DistillRecipe) -> SFTRecipe:
 
 def evaluate_student(model: torch.nn.Module | str | Path, tokenizer: object, recipe: DistillRecipe) -> dict:
     """Greedy decoding on the held-out prompts, scored by the recipe's rewards (the GRPO evaluation). A teacher
-    (posttrain's DeepSeek-V3 too) is scored the same way: `generation.backend` auto picks its decoder."""
+    (posttrain's DeepSeek-V3 too) is scored the same way: `generation.backend` auto picks its decoder. The student
+    decodes in the precision it trained in: bf16 autocast on a GPU when `model.dtype` is auto (`compute_dtype`)."""
     if isinstance(model, str | Path):
         model = load_causal_lm(ModelSection(path=str(model), dtype="float32", attn_implementation="sdpa"))
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     prompts = load_prompts(recipe.eval.prompts, tokenizer, recipe.eval.prompt_field)
     if recipe.eval.max_prompts:
         prompts = prompts.select(list(range(min(recipe.eval.max_prompts, len(prompts)))))
-    backend = make_backend(recipe.generation, model, tokenizer, Path(recipe.output_dir))
+    backend = make_backend(
+        recipe.generation, model, tokenizer, Path(recipe.output_dir), compute_dtype(recipe.model)
+    )
     with make_reward_runner(recipe.rewards) as runner:
         return {
             **evaluate(backend, runner, prompts, recipe.generation, recipe.eval),

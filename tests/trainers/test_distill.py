@@ -91,3 +91,33 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, repo_root, small_
     other = build_tiny_qwen2(tmp_path / "other")
     with pytest.raises(ValueError, match="tokenizer differs"):
         train_distill(recipe(tmp_path, repo_root, small_data, other))
+
+
+def test_the_student_is_evaluated_in_the_precision_it_trains_in(tmp_path, repo_root, small_data, monkeypatch):
+    """`evaluate_student` decodes under the autocast that `compute_dtype` gives for the student's model section
+    (bf16 on a GPU with `model.dtype: auto`; forced here on CPU), as GRPO's rollouts and a traces teacher do."""
+    import posttrain.trainers.distill as distill
+    from posttrain.generation.factory import make_backend
+
+    backends = []
+
+    def recording_make_backend(*args, **kwargs):
+        backends.append(make_backend(*args, **kwargs))
+        return backends[-1]
+
+    monkeypatch.setattr(distill, "compute_dtype", lambda cfg: torch.bfloat16)
+    monkeypatch.setattr(distill, "make_backend", recording_make_backend)
+    student = recipe(tmp_path, repo_root, small_data, teacher=repo_root).model_copy(
+        update={
+            "kd": None,
+            "generation": distill.GenerationSection(max_tokens=8, temperature=0.0),
+            "rewards": distill.RewardsSection.model_validate({"functions": [{"name": "math_accuracy"}]}),
+            "eval": distill.DistillEvalSection(
+                prompts=[str(repo_root / "data/arith/test.jsonl")], max_prompts=2
+            ),
+        }
+    )
+    model_dir = build_tiny_qwen2(tmp_path / "student_model")
+    result = distill.evaluate_student(model_dir, AutoTokenizer.from_pretrained(model_dir), student)
+    assert [backend.autocast for backend in backends] == [torch.bfloat16]
+    assert result["eval/prompts"] == 2 and 0.0 <= result["eval/reward"] <= 1.0
