@@ -21,6 +21,7 @@ from posttrain.model.fp8 import (
     fp8_state_dict,
     quantize_activation,
     quantize_blocks,
+    quantize_rows_and_columns,
     quantize_weight,
 )
 
@@ -189,6 +190,32 @@ def test_fp8_linear_with_bf16_master_weights_returns_bf16_gradients():
     layer(x).float().square().mean().backward()
     assert layer.weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+def test_fp8_linear_under_autocast_returns_what_nn_linear_returns():
+    """Under bf16 autocast an fp32 input gives a bf16 output, as nn.Linear's does (the GEMM writes it directly);
+    the gradients come back in the dtypes of x and of the fp32 master weight, and a rows-and-columns quantisation
+    gives the same numbers as the two separate ones, with scales in cuBLAS's column-major layouts."""
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 384, dtype=torch.float32)
+    plain = nn.Linear(256, 384, bias=False)
+    plain.weight.data.copy_(layer.weight.data)
+    x = torch.randn(2, 130, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), plain(x)
+    assert y.dtype == want.dtype == torch.bfloat16
+    assert float((y.float() - want.float()).norm() / want.float().norm()) < 0.06  # e4m3 per tile
+    y.float().square().mean().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    x2 = x.detach().reshape(-1, 256)
+    q, scale, q_t, scale_t = quantize_rows_and_columns(x2)
+    want_q, want_scale = quantize_blocks(x2, (1, 128))
+    want_q_t, want_scale_t = quantize_blocks(x2, (128, 1), transpose=True)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)
+    assert torch.equal(q_t.view(torch.uint8), want_q_t.view(torch.uint8)) and torch.equal(
+        scale_t, want_scale_t
+    )
+    assert scale.stride() == (1, 260) and scale_t.stride() == (1, 256)
 
 
 class _TinyBlock(nn.Module):
