@@ -20,7 +20,10 @@ Training (report Fig. 6). `FP8Linear` keeps a master weight in bf16/fp32; all th
     forward  y  = x Wᵀ    x: 1×128 tiles along K,   W: 128×128 blocks
     dgrad    dx = dy W    dy: 1×128 tiles along N,  W: the same blocks, transposed
     wgrad    dW = dyᵀ x   dy and x: 128×1 tiles along the token dimension (the reduction of this GEMM)
-Embeddings, the output head, the MoE router, norms and attention stay in higher precision.
+Embeddings, the output head, the MoE router, norms and attention stay in higher precision. x and dy are each
+quantised once for both of their tilings (`quantize_rows_and_columns`). Inside `torch.compile`d blocks the layer is
+part of the graph: the GEMM and that quantisation are custom operators, and the weight's blocks are quantised by
+Inductor's code.
 """
 
 import math
