@@ -62,8 +62,8 @@ def make_backend(
     nothing to sync); `vllm` starts from a snapshot of it written under `out` and receives new weights after every
     step; `openai` talks to a server. `auto` is `latent` for posttrain's DeepSeek-V3, `hf` otherwise.
 
-    `autocast` is the trainer's mixed-precision dtype: `hf` decodes under it (unless `generation.options` sets
-    `autocast` itself, null for the weights' own precision)."""
+    `autocast` is the trainer's mixed-precision dtype: `hf` and `latent` decode under it (unless
+    `generation.options` sets `autocast` itself, null for the weights' own precision)."""
     from posttrain.model import DeepseekV3ForCausalLM
 
     kind = cfg.backend
@@ -74,7 +74,7 @@ def make_backend(
     if kind == "latent":
         from posttrain.generation.latent import LatentCacheBackend
 
-        return LatentCacheBackend(model, tokenizer, **cfg.options)
+        return LatentCacheBackend(model, tokenizer, **{"autocast": autocast, **cfg.options})
     if kind == "hf":
         options = {"autocast": autocast, **cfg.options}
         return build_backend("hf", model=model, tokenizer=tokenizer, **options)

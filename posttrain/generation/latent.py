@@ -22,9 +22,14 @@ class LatentCacheBackend(HFBackend):
     """Batched sampling with `DeepseekV3ForCausalLM.decode_step`; shares the trainer's module (no copy)."""
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_size: int | None = None
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_batch_size: int | None = None,
+        autocast: torch.dtype | str | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, max_batch_size)
+        """`autocast`: decode under it (the trainer's mixed precision), latents cached in its dtype."""
+        super().__init__(model, tokenizer, max_batch_size, autocast=autocast)
 
     def _eos_token_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -39,7 +44,7 @@ class LatentCacheBackend(HFBackend):
         ids = torch.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, device=device)
-        cache = model.new_cache(len(rows), capacity=ids.shape[1] + params.max_tokens)
+        cache = model.new_cache(len(rows), capacity=ids.shape[1] + params.max_tokens, dtype=self.autocast)
         logits, _ = model.decode_step(ids, cache, num_new=lengths)
         last = logits[torch.arange(len(rows), device=device), lengths - 1]
 

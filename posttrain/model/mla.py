@@ -186,17 +186,20 @@ class MultiHeadLatentAttention(nn.Module):
         c_new, k_rope_new = self._latents(x, cos, sin)
         cache.write(c_new, k_rope_new)
         extent = cache.key_mask.shape[-1]
-        c_kv = cache.cache.c_kv[cache.layer, :, :extent].to(x.dtype)
-        k_rope = cache.cache.k_rope[cache.layer, :, :extent].to(x.dtype)
+        # Under autocast the einsums below compute in its dtype: read the latents (and W_UKV) in it directly.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        c_kv = cache.cache.c_kv[cache.layer, :, :extent].to(dtype)
+        k_rope = cache.cache.k_rope[cache.layer, :, :extent].to(dtype)
 
-        w_b = dense_weight(self.kv_b_proj).to(x.dtype).view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        w_b = dense_weight(self.kv_b_proj).to(dtype).view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w_b[:, : self.nope_dim], w_b[:, self.nope_dim :]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum(
             "bshr,btr->bsht", q_rope, k_rope
         )
         scores = (scores.float() * self.softmax_scale).masked_fill(~cache.key_mask, float("-inf"))
-        probs = scores.softmax(dim=-1).type_as(x)
+        probs = scores.softmax(dim=-1).to(dtype)
         out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
         out = torch.einsum("bshc,hdc->bshd", out_latent, w_uv)
         return self.o_proj(out.flatten(2))

@@ -238,11 +238,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         return logits, aux_loss
 
     # ------------------------------------------------------------------ decoding
-    def new_cache(self, batch_size: int, capacity: int = 256, mtp: bool = False) -> LatentKVCache:
-        """An empty latent cache for the main layers (or, with mtp=True, for the MTP layers)."""
+    def new_cache(
+        self, batch_size: int, capacity: int = 256, mtp: bool = False, dtype: torch.dtype | None = None
+    ) -> LatentKVCache:
+        """An empty latent cache for the main layers (or, with mtp=True, for the MTP layers), in `dtype` (default:
+        the weights'; a decoder under bf16 autocast keeps its latents in bf16)."""
         param = self.lm_head.weight
         layers = len(self.model.mtp_layers) if mtp else self.config.num_hidden_layers
-        return LatentKVCache(layers, batch_size, self.config, param.dtype, param.device, capacity)
+        return LatentKVCache(layers, batch_size, self.config, dtype or param.dtype, param.device, capacity)
 
     def _cached_steps(self, cache: LatentKVCache, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [B, S] of `steps` new tokens per row and the key mask [B, S, 1, T] over the cache."""
