@@ -3,12 +3,13 @@ backward under bf16 autocast over fp32 master weights, as the SFT trainer runs i
 
     python bench/fp8_block_gpu.py --out results      # CUDA; --device cpu --tokens 256 --hidden 256 for a smoke run
 
-Three ways: bf16 `nn.Linear` compiled, `FP8Linear` compiled (the quantisation is torch code that Inductor fuses
-into RMSNorm, SwiGLU and the gradients' producers; the FP8 GEMMs stay one custom operator in the graph), and
-`FP8Linear` eager (one Triton pass per quantisation). Asserted before timing: against the same block in fp32 (eager, no
-autocast), the compiled FP8 block's output and gradients are as accurate as the eager FP8 block's (within 25%:
-Inductor rounds some intermediates differently), and no graph break. Timed: median ms per forward+backward. Profiled: the compiled
-FP8 block's GPU kernels, summed by name. Writes <out>/fp8_block.json.
+Three ways: bf16 `nn.Linear` compiled, `FP8Linear` compiled (each activation and gradient quantised by one Triton
+pass for both of its tilings, the FP8 GEMMs one custom operator in the graph, the weights quantised once per
+optimiser step by the block's pre-hook, as the trainers set it up), and `FP8Linear` eager. Asserted before timing:
+against the same block in fp32 (eager, no autocast), the compiled FP8 block's output and gradients are as accurate
+as the eager FP8 block's (within 25%: Inductor rounds some intermediates differently), and no graph break. Timed:
+median ms per forward+backward. Profiled: the compiled FP8 block's GPU kernels, summed by name. Writes
+<out>/fp8_block.json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from posttrain.model.fp8 import FP8Linear, convert_to_fp8  # noqa: E402
+from posttrain.model.fp8 import FP8Linear, convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
 
 
 class MLPBlock(nn.Module):
@@ -109,8 +110,11 @@ def main() -> None:
     fp8_eager = copy.deepcopy(bf16)
     assert len(convert_to_fp8(fp8_eager)) == 3
     assert isinstance(fp8_eager.down_proj, FP8Linear)
-    fp8_compiled = torch.compile(copy.deepcopy(fp8_eager), backend=backend, dynamic=False)
-    bf16_compiled = torch.compile(bf16, backend=backend, dynamic=False)
+    # As the trainers compile a decoder block: its forward, with FP8 weights refreshed by a pre-hook.
+    fp8_compiled, bf16_compiled = copy.deepcopy(fp8_eager), copy.deepcopy(bf16)
+    refresh_quantized_weights_before(fp8_compiled)
+    for block in (fp8_compiled, bf16_compiled):
+        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
     x = torch.randn(args.tokens, args.hidden, device=device)
 
     from torch._dynamo.utils import counters

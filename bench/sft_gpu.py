@@ -90,9 +90,9 @@ from sft_gpu_trl import run_trl  # noqa: E402
 from posttrain.algorithms.sft import shifted_targets, token_cross_entropy_sum  # noqa: E402
 from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, plan_packs  # noqa: E402
 from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs, register_varlen_attention  # noqa: E402
-from posttrain.fast.backbone import compile_decoder_layers, hidden_states_and_head  # noqa: E402
+from posttrain.fast.backbone import compile_decoder_layers, decoder_layers, hidden_states_and_head  # noqa: E402
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum  # noqa: E402
-from posttrain.model.fp8 import convert_to_fp8  # noqa: E402
+from posttrain.model.fp8 import convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
 from posttrain.policy import Policy  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +223,9 @@ def run_posttrain(variant: Variant, ctx: dict[str, Any], profile: bool = False) 
     fp8_layers = len(convert_to_fp8(model)) if variant.fp8 else 0
     if variant.compile:
         compile_decoder_layers(model)
+        if variant.fp8:  # as the trainers set it up (posttrain.trainers.loop)
+            for layer in decoder_layers(model):
+                refresh_quantized_weights_before(layer)
     optimizer = make_adamw(model, ctx["lr"])
     dataset = ctx["packs"].dataset(pad_id=0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

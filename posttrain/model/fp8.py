@@ -22,8 +22,8 @@ Training (report Fig. 6). `FP8Linear` keeps a master weight in bf16/fp32; all th
     wgrad    dW = dyᵀ x   dy and x: 128×1 tiles along the token dimension (the reduction of this GEMM)
 Embeddings, the output head, the MoE router, norms and attention stay in higher precision. x and dy are each
 quantised once for both of their tilings (`quantize_rows_and_columns`). Inside `torch.compile`d blocks the layer is
-part of the graph: the GEMM and that quantisation are custom operators, and the weight's blocks are quantised by
-Inductor's code.
+part of the graph: the GEMM and that quantisation are custom operators, and the weight's blocks, quantised once per
+optimiser step, are refreshed outside the graph by the block's pre-hook (`refresh_quantized_weights_before`).
 """
 
 import math
@@ -64,9 +64,8 @@ def quantize_blocks(
     q [C, R] and scale [ceil(C/tc), ceil(R/tr)] — the layout the GEMM wants when R is its reduction dimension.
 
     Eagerly on CUDA this is one Triton pass. Under `torch.compile` it is the PyTorch expression below, which
-    Inductor fuses into the kernel that produces x (the weights' quantisation in a compiled block; activations
-    that train take `quantize_rows_and_columns`, whose transposed tiling Inductor's code did not write at memory
-    speed).
+    Inductor fuses into the kernel that produces x (activations that train take `quantize_rows_and_columns`
+    instead, whose transposed tiling Inductor's code did not write at memory speed).
     """
     _check_2d("x", x)
     if not torch.compiler.is_compiling() and _use_triton(x):
@@ -469,13 +468,21 @@ class FP8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The master weight's 128×128 blocks in both layouts. Eagerly, quantised once between two optimiser
-        steps (every micro-batch of a step and the reference/old-policy passes reuse them). Inside a compiled
-        block, quantised in the graph at every forward: the cache's key is Python state that a graph cannot
-        read, and Inductor's one fused pass over the weight costs what autocast's bf16 cast of it costs."""
-        weight = self.weight.detach()
+        """The master weight's 128×128 blocks in both layouts, quantised once between two optimiser steps (every
+        micro-batch of a step and the reference/old-policy passes reuse them).
+
+        Inside a compiled block the staleness check (Python state) cannot run: the layer reads the cache that the
+        block's pre-hook refreshed eagerly just before (`refresh_quantized_weights_before`), or, in a graph
+        compiled without that hook, quantises in the graph at every forward."""
         if torch.compiler.is_compiling():
-            return quantize_blocks_both_layouts(weight, self.block_size)
+            if self.__dict__.get("refreshed_before_compiled_calls", False):
+                return self.__dict__["_weight_fp8"][1]
+            return quantize_blocks_both_layouts(self.weight.detach(), self.block_size)
+        return self.refresh_quantized_weight()
+
+    def refresh_quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantise the master weight again if it changed since the cached copy was made; return the copy."""
+        weight = self.weight.detach()
         key = (_OPTIMIZER_STEPS[0], weight._version, weight.data_ptr(), weight.device, weight.dtype)
         cached = self.__dict__.get("_weight_fp8")
         if cached is None or cached[0] != key:
@@ -514,6 +521,23 @@ class FP8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, {kind}"
         )
+
+
+def refresh_quantized_weights_before(block: nn.Module) -> int:
+    """Before each call of `block` (a module whose forward is compiled), bring the quantised weights of the
+    training FP8Linear layers inside it up to date, eagerly: its compiled graph then reads them, quantised once per
+    optimiser step, instead of quantising every weight in every forward. Returns how many layers it serves."""
+    layers = [m for m in block.modules() if isinstance(m, FP8Linear) and not m.is_fp8_storage]
+    if layers:
+
+        def refresh(module: nn.Module, args: tuple) -> None:
+            for layer in layers:
+                layer.refresh_quantized_weight()
+
+        block.register_forward_pre_hook(refresh)
+        for layer in layers:
+            layer.__dict__["refreshed_before_compiled_calls"] = True
+    return len(layers)
 
 
 def default_fp8_filter(name: str, module: nn.Module) -> bool:

@@ -86,9 +86,14 @@ def apply_memory_and_speed_switches(
     if compile_blocks_enabled(
         train, device, decodes_with_policy, getattr(policy, "is_posttrain_model", False)
     ):
-        from posttrain.fast.backbone import compile_decoder_layers
+        from posttrain.fast.backbone import compile_decoder_layers, decoder_layers
 
         compile_decoder_layers(policy.model)
+        if train.fp8:  # each block's FP8 weights quantised eagerly before it runs, once per optimiser step
+            from posttrain.model.fp8 import refresh_quantized_weights_before
+
+            for layer in decoder_layers(policy.model):
+                refresh_quantized_weights_before(layer)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainSection) -> torch.optim.AdamW:

@@ -168,39 +168,64 @@ def test_sft_trainer_with_fp8_follows_the_plain_run_and_saves_plain_weights(tmp_
     assert losses["fp8"] == pytest.approx(losses["plain"], rel=2e-3)
 
 
-def test_compiled_blocks_with_fp8_trace_whole_and_train_like_eager_fp8(tiny_qwen2_config_path):
-    """`train.fp8` with `train.compile_blocks`: FP8Linear is traced into each block's graph (the weights'
-    quantisation as torch code, the activations' as one operator, the GEMMs as another), with no graph break, one
-    graph for packs of every length, and the logits and gradients of the same FP8 model run eagerly. The
-    "aot_eager" backend runs the trace of dynamo and AOTAutograd without Inductor's compile time; Inductor's
-    fused code is checked on a GPU by bench/fp8_block_gpu.py."""
+def test_compiled_blocks_with_fp8_trace_whole_and_train_like_eager_fp8(tiny_qwen2_config_path, monkeypatch):
+    """`train.fp8` with `train.compile_blocks`: FP8Linear is traced into each block's graph (the activations'
+    quantisation one operator, the GEMMs another), with no graph break and one graph for packs of every length.
+    The weights are quantised outside the graph, once per optimiser step, by each block's pre-hook: training
+    steps (AdamW in place, which bumps no version counter) give the logits and gradients of the same FP8 model run
+    eagerly, so no stale copy is read. The "aot_eager" backend runs the trace of dynamo and AOTAutograd without
+    Inductor's compile time; Inductor's code is checked on a GPU by bench/fp8_block_gpu.py."""
     from torch._dynamo.utils import counters
 
-    from posttrain.fast.backbone import compile_decoder_layers
+    from posttrain.fast.backbone import compile_decoder_layers, decoder_layers
+    from posttrain.model import fp8
 
+    eager_quantize = fp8.quantize_blocks_both_layouts
+
+    def outside_graphs_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if torch.compiler.is_compiling():
+            raise AssertionError("a weight was quantised inside the compiled graph")
+        return eager_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(fp8, "quantize_blocks_both_layouts", outside_graphs_only)
     torch.manual_seed(0)
     compiled = build_policy(
         ModelSection(from_config=tiny_qwen2_config_path, tokenizer=TOKENIZER, dtype="float32")
     )
     apply_memory_and_speed_switches(compiled, FP8_ON)
     eager = copy.deepcopy(compiled)
+    optimizers = [torch.optim.AdamW(p.parameters(), lr=1e-2, foreach=True) for p in (compiled, eager)]
     torch._dynamo.reset()
     counters.clear()
     compile_decoder_layers(compiled.model, backend="aot_eager")
+    for layer in decoder_layers(compiled.model):  # as apply_memory_and_speed_switches does
+        assert fp8.refresh_quantized_weights_before(layer) == 7
     for lengths in ([20, 13], [7, 30, 9, 11], [48, 2]):
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
         input_ids = torch.randint(
             3, 512, positions.shape, generator=torch.Generator().manual_seed(len(lengths))
         )
         results = []
-        for policy in (compiled, eager):
-            policy.zero_grad(set_to_none=True)
+        for policy, optimizer in zip((compiled, eager), optimizers, strict=True):
+            optimizer.zero_grad(set_to_none=True)
             logits = policy(input_ids, positions).logits
             logits.logsumexp(-1).mean().backward()
-            results.append((logits.detach(), [p.grad for p in policy.parameters()]))
+            results.append((logits.detach(), [p.grad.clone() for p in policy.parameters()]))
+            optimizer.step()
         (got, got_grads), (want, want_grads) = results
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         for g, w in zip(got_grads, want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_the_speed_switch_compiles_fp8_blocks_with_their_weights_refreshed_outside_the_graph(
+    tiny_qwen2_config_path,
+):
+    policy = build_policy(
+        ModelSection(from_config=tiny_qwen2_config_path, tokenizer=TOKENIZER, dtype="float32")
+    )
+    apply_memory_and_speed_switches(policy, TrainSection(fp8=True, compile_blocks=True))
+    fp8_layers = [m for m in policy.model.modules() if isinstance(m, FP8Linear)]
+    assert fp8_layers and all(m.__dict__.get("refreshed_before_compiled_calls") for m in fp8_layers)
