@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -26,6 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# bench/ itself is not put on sys.path (bench/sandbox.py would shadow the `sandbox` package): the harness by path.
+_spec = importlib.util.spec_from_file_location(
+    "gpu_harness", Path(__file__).resolve().parent / "gpu_harness.py"
+)
+gpu_harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_harness)
 
 from posttrain.model.fp8 import FP8Linear, convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
 
@@ -56,25 +63,6 @@ def fwd_bwd(
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def median_ms(fn, device: torch.device, iters: int) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(iters + 3):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times[3:])[len(times[3:]) // 2]
 
 
 def kernel_table(block: nn.Module, x: torch.Tensor, device: torch.device) -> list[dict]:
@@ -139,7 +127,7 @@ def main() -> None:
         assert error_vs_fp32["fp8_compiled"][n] < 0.12, (n, check)
 
     timings = {
-        name: median_ms(lambda b=block: fwd_bwd(b, x, device), device, args.iters)
+        name: gpu_harness.median_ms(lambda b=block: fwd_bwd(b, x, device), device, args.iters)
         for name, block in (
             ("bf16_compiled", bf16_compiled),
             ("fp8_compiled", fp8_compiled),
