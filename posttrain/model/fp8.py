@@ -225,8 +225,8 @@ def _fp8_block_mm(
     block_k: int,
 ) -> torch.Tensor:
     """`fp8_block_matmul`'s backend, chosen from the concrete shapes at run time. One opaque operator for
-    `torch.compile`, so that a compiled block keeps its FP8 GEMMs in the graph (no graph break) while Inductor
-    fuses the quantisation around them."""
+    `torch.compile`, so that a compiled block keeps its FP8 GEMMs in the graph (no graph break); the fake below
+    (the same signature, as torch.library requires) gives Inductor the output's shape."""
     (m, k), n = a_q.shape, b_q.shape[0]
     if (
         a_q.is_cuda
