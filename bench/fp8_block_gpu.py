@@ -34,7 +34,7 @@ _spec = importlib.util.spec_from_file_location(
 gpu_harness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_harness)
 
-from posttrain.model.fp8 import FP8Linear, convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
+from posttrain.model.fp8_linear import FP8Linear, convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
 
 
 class MLPBlock(nn.Module):

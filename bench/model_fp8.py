@@ -25,13 +25,13 @@ from triton.testing import do_bench
 from posttrain.model import fp8 as fp8_module
 from posttrain.model.fp8 import (
     FP8_DTYPE,
-    FP8Linear,
     dequantize_blocks,
     fp8_block_matmul,
     quantize_blocks,
     quantize_blocks_both_layouts,
     quantize_rows_and_columns,
 )
+from posttrain.model.fp8_linear import FP8Linear
 from posttrain.model.kernels.fp8 import _fp8_block_gemm_kernel, fp8_block_gemm
 
 BF16 = torch.bfloat16

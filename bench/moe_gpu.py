@@ -79,7 +79,7 @@ from posttrain.algorithms.sft import mtp_combined_loss, shifted_targets, token_c
 from posttrain.config import MTPSection, TrainSection  # noqa: E402
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum  # noqa: E402
 from posttrain.model import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
-from posttrain.model.fp8 import convert_to_fp8  # noqa: E402
+from posttrain.model.fp8_linear import convert_to_fp8  # noqa: E402
 from posttrain.policy import Policy  # noqa: E402
 from posttrain.trainers.loop import make_optimizer, update_expert_bias  # noqa: E402
 

@@ -92,7 +92,7 @@ from posttrain.data.packing import PackedDataset, PackPlan, TokenizedSamples, pl
 from posttrain.fast.attention import VARLEN_ATTENTION, packed_attention_kwargs, register_varlen_attention  # noqa: E402
 from posttrain.fast.backbone import compile_decoder_layers, decoder_layers, hidden_states_and_head  # noqa: E402
 from posttrain.fast.chunked_loss import chunked_token_cross_entropy_sum  # noqa: E402
-from posttrain.model.fp8 import convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
+from posttrain.model.fp8_linear import convert_to_fp8, refresh_quantized_weights_before  # noqa: E402
 from posttrain.policy import Policy  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------

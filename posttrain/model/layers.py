@@ -29,12 +29,12 @@ def make_linear(
 ) -> nn.Module:
     """THE linear-layer hook: every projection of MLA, the dense MLP, the shared experts and the MTP blocks is built
     here. A block-wise FP8 checkpoint (`quantization_config = {"quant_method": "fp8", "weight_block_size":
-    [128, 128], ...}`) gets `posttrain.model.fp8.FP8Linear`, whose state dict (`weight` in e4m3 plus
+    [128, 128], ...}`) gets `posttrain.model.fp8_linear.FP8Linear`, whose state dict (`weight` in e4m3 plus
     `weight_scale_inv`) matches the checkpoint; otherwise a plain `nn.Linear`. The router, embeddings, norms and
     output head stay in high precision, as in the report (Sec. 3.3.1)."""
     quant = config.quantization_config
     if quant and quant.get("quant_method") == "fp8":
-        from posttrain.model.fp8 import FP8Linear  # imported only for FP8 checkpoints
+        from posttrain.model.fp8_linear import FP8Linear  # imported only for FP8 checkpoints
 
         block = tuple(quant.get("weight_block_size") or (128, 128))
         return FP8Linear(in_features, out_features, bias=bias, block_size=block)

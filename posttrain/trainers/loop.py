@@ -69,14 +69,14 @@ def apply_memory_and_speed_switches(
 ) -> None:
     """`train.gradient_checkpointing`, `train.fp8` and `train.compile_blocks`, the same way for every trainer.
 
-    FP8 swaps every nn.Linear of the model for an FP8Linear (posttrain.model.fp8) except the output head, the
+    FP8 swaps every nn.Linear of the model for an FP8Linear (posttrain.model.fp8_linear) except the output head, the
     MoE router and embeddings/norms, which stay in higher precision as in DeepSeek-V3; the Parameters stay the
     master weights, so optimiser and checkpoints are unchanged. The blocks are compiled after the swap.
     """
     if train.gradient_checkpointing and hasattr(policy.model, "gradient_checkpointing_enable"):
         policy.model.gradient_checkpointing_enable()
     if train.fp8:
-        from posttrain.model.fp8 import convert_to_fp8
+        from posttrain.model.fp8_linear import convert_to_fp8
 
         if not convert_to_fp8(policy.model):
             raise ValueError(
@@ -90,7 +90,7 @@ def apply_memory_and_speed_switches(
 
         compile_decoder_layers(policy.model)
         if train.fp8:  # each block's FP8 weights quantised eagerly before it runs, once per optimiser step
-            from posttrain.model.fp8 import refresh_quantized_weights_before
+            from posttrain.model.fp8_linear import refresh_quantized_weights_before
 
             for layer in decoder_layers(policy.model):
                 refresh_quantized_weights_before(layer)

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from tiny_deepseek import tiny_config
 
 from posttrain.model import DeepseekV3ForCausalLM
-from posttrain.model.fp8 import FP8Linear, dequantize_weight, quantize_weight
+from posttrain.model.fp8 import dequantize_weight, quantize_weight
+from posttrain.model.fp8_linear import FP8Linear
 
 
 def _all_file_tensors(path):

@@ -12,18 +12,15 @@ from torch import nn
 
 from posttrain.model.fp8 import (
     FP8_DTYPE,
-    FP8Linear,
-    convert_to_fp8,
     dequantize_blocks,
-    dequantize_state_dict,
     dequantize_weight,
     fp8_block_matmul,
-    fp8_state_dict,
     quantize_activation,
     quantize_blocks,
     quantize_rows_and_columns,
     quantize_weight,
 )
+from posttrain.model.fp8_linear import FP8Linear, convert_to_fp8, dequantize_state_dict, fp8_state_dict
 
 # e4m3 keeps 3 mantissa bits: rounding to nearest moves a normal value by at most half a step, 2^-4 of
 # itself; below the smallest normal (2^-6) the step is fixed at 2^-9, so the error is at most 2^-10 (in units

@@ -13,7 +13,7 @@ import torch
 
 from posttrain.algorithms.sft import shifted_targets, token_cross_entropy_sum
 from posttrain.config import ModelSection, TrainSection
-from posttrain.model.fp8 import FP8Linear
+from posttrain.model.fp8_linear import FP8Linear
 from posttrain.policy import build_policy
 from posttrain.trainers.loop import apply_memory_and_speed_switches
 
@@ -178,16 +178,16 @@ def test_compiled_blocks_with_fp8_trace_whole_and_train_like_eager_fp8(tiny_qwen
     from torch._dynamo.utils import counters
 
     from posttrain.fast.backbone import compile_decoder_layers, decoder_layers
-    from posttrain.model import fp8
+    from posttrain.model import fp8_linear
 
-    eager_quantize = fp8.quantize_blocks_both_layouts
+    eager_quantize = fp8_linear.quantize_blocks_both_layouts
 
     def outside_graphs_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if torch.compiler.is_compiling():
             raise AssertionError("a weight was quantised inside the compiled graph")
         return eager_quantize(*args, **kwargs)
 
-    monkeypatch.setattr(fp8, "quantize_blocks_both_layouts", outside_graphs_only)
+    monkeypatch.setattr(fp8_linear, "quantize_blocks_both_layouts", outside_graphs_only)
     torch.manual_seed(0)
     compiled = build_policy(
         ModelSection(from_config=tiny_qwen2_config_path, tokenizer=TOKENIZER, dtype="float32")
@@ -199,7 +199,7 @@ def test_compiled_blocks_with_fp8_trace_whole_and_train_like_eager_fp8(tiny_qwen
     counters.clear()
     compile_decoder_layers(compiled.model, backend="aot_eager")
     for layer in decoder_layers(compiled.model):  # as apply_memory_and_speed_switches does
-        assert fp8.refresh_quantized_weights_before(layer) == 7
+        assert fp8_linear.refresh_quantized_weights_before(layer) == 7
     for lengths in ([20, 13], [7, 30, 9, 11], [48, 2]):
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
         input_ids = torch.randint(
